@@ -1,0 +1,270 @@
+"""Restricted deserialization: the allow list and the loaders every read path uses.
+
+Checkpoints travel between teams and are downloaded from the internet, and a
+pickle can run any code while it loads. So nothing in this library calls plain
+``pickle.load`` or ``torch.load(weights_only=False)`` on stored data unless the
+caller opts in with ``allow_unsafe_pickle=True``. Instead, two loaders share one
+allow list of globals:
+
+* :func:`safe_torch_load` for ``torch.save`` data (DCP items, extras, ``.pth``):
+  ``torch.load(weights_only=True)`` plus our allow list;
+* :func:`safe_pickle_load` for raw pickles (DCP ``.metadata``, Caffe2 ``.pkl``):
+  a :class:`pickle.Unpickler` whose ``find_class`` only returns allowed globals.
+
+Tensors, numpy arrays, Python primitives and containers, :class:`MemoryPool`
+(also under its AlphAction name) and DCP's metadata classes are allowed.
+Anything else raises :class:`UnsafeCheckpointError` naming the file and class
+and how to allow it with :func:`register_safe_class`.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import importlib
+import io
+import pickle
+import threading
+from collections.abc import Iterable
+from typing import IO, Any
+
+import torch
+
+from .errors import UnsafeCheckpointError
+from .memory_pool import MemoryPool
+
+__all__ = [
+    "register_safe_class",
+    "registered_safe_classes",
+    "safe_pickle_load",
+    "safe_torch_load",
+    "LEGACY_MEMORY_POOL_NAME",
+]
+
+LEGACY_MEMORY_POOL_NAME = "alphaction.structures.memory_pool.MemoryPool"
+
+# Names are "module.qualname" as they appear in a pickle's GLOBAL opcode.
+_lock = threading.Lock()
+_user_allowed: dict[str, Any] = {}
+
+
+def _qualified_name(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def register_safe_class(cls: Any, *, name: str | None = None) -> None:
+    """Allow ``cls`` (a class or function) to be unpickled from checkpoints.
+
+    Register every class that your ``save(**extra)`` values or scheduler hold,
+    once per process, before loading (on every rank).
+
+    Args:
+        cls: the class or function to allow.
+        name: the ``module.qualname`` it was pickled under, when that differs
+            from where it lives now (a renamed or moved class).
+
+    Example:
+        >>> from stmixer_dist_ckpt import register_safe_class
+        >>> class RunStats:
+        ...     pass
+        >>> register_safe_class(RunStats)
+    """
+    key = name or _qualified_name(cls)
+    with _lock:
+        _user_allowed[key] = cls
+
+
+def registered_safe_classes() -> dict[str, Any]:
+    """The classes added with :func:`register_safe_class`, by pickled name."""
+    with _lock:
+        return dict(_user_allowed)
+
+
+def _numpy_globals() -> dict[str, Any]:
+    import numpy as np
+
+    found: dict[str, Any] = {}
+    multiarray = importlib.import_module("numpy._core.multiarray")
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        found[f"{module}._reconstruct"] = multiarray._reconstruct
+        found[f"{module}.scalar"] = multiarray.scalar
+    found["numpy.ndarray"] = np.ndarray
+    found["numpy.dtype"] = np.dtype
+    for dtype_name in dir(np.dtypes):
+        if dtype_name.endswith("DType"):
+            found[f"numpy.dtypes.{dtype_name}"] = getattr(np.dtypes, dtype_name)
+    return found
+
+
+def _dcp_metadata_globals() -> dict[str, Any]:
+    import pathlib
+
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    found: dict[str, Any] = {
+        "torch.distributed.checkpoint.filesystem._StorageInfo": filesystem._StorageInfo,
+        "torch.serialization._get_layout": torch.serialization._get_layout,
+        "torch.Size": torch.Size,
+        "pathlib.PosixPath": pathlib.PosixPath,
+        "pathlib.PurePosixPath": pathlib.PurePosixPath,
+    }
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    ):
+        if hasattr(metadata, name):
+            found[f"torch.distributed.checkpoint.metadata.{name}"] = getattr(metadata, name)
+    for value in vars(torch).values():
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            found[f"torch.{str(value).removeprefix('torch.')}"] = value
+    return found
+
+
+def _builtin_globals() -> dict[str, Any]:
+    import builtins
+
+    found: dict[str, Any] = {
+        f"builtins.{name}": getattr(builtins, name)
+        for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes", "bytearray", "bool", "slice", "range")
+    }
+    found["collections.OrderedDict"] = collections.OrderedDict
+    found["collections.defaultdict"] = collections.defaultdict
+    found["_codecs.encode"] = __import__("codecs").encode  # py2 byte strings in latin1 pickles
+    return found
+
+
+def _allowed_globals() -> dict[str, Any]:
+    allowed = _builtin_globals()
+    allowed.update(_numpy_globals())
+    allowed.update(_dcp_metadata_globals())
+    allowed[_qualified_name(MemoryPool)] = MemoryPool
+    allowed[LEGACY_MEMORY_POOL_NAME] = MemoryPool
+    allowed.update(registered_safe_classes())
+    return allowed
+
+
+def _refusal(source: str, global_name: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{source}: refusing to unpickle {global_name!r}: it is not on the safe-load allow list, and "
+        "loading it could run arbitrary code. If you trust this class, call "
+        f"stmixer_dist_ckpt.register_safe_class(<the class>) (name={global_name!r} if it moved) before "
+        "loading; if you trust the whole file, pass allow_unsafe_pickle=True."
+    )
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: IO[bytes], *, source: str, allowed: dict[str, Any], encoding: str) -> None:
+        super().__init__(file, encoding=encoding)
+        self._source = source
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Python 2 pickles (protocol < 3) name builtins "__builtin__" and so on;
+        # map them the way pickle's own find_class does before checking.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        global_name = f"{module}.{name}"
+        if global_name in self._allowed:
+            return self._allowed[global_name]
+        raise _refusal(self._source, global_name)
+
+
+def safe_pickle_load(
+    file: IO[bytes] | bytes,
+    *,
+    source: str,
+    encoding: str = "ASCII",
+    allow_unsafe_pickle: bool = False,
+) -> Any:
+    """Unpickle ``file`` allowing only allow-listed globals.
+
+    Args:
+        file: an open binary stream or the raw bytes.
+        source: the file or key name used in error messages.
+        encoding: ``"latin1"`` for Python 2 era pickles (Caffe2 ``.pkl``).
+        allow_unsafe_pickle: skip the allow list; only for files you trust fully.
+
+    Raises:
+        UnsafeCheckpointError: the pickle names a global that is not allowed.
+    """
+    stream = io.BytesIO(file) if isinstance(file, (bytes, bytearray, memoryview)) else file
+    if allow_unsafe_pickle:
+        return pickle.Unpickler(stream, encoding=encoding).load()
+    return _RestrictedUnpickler(stream, source=source, allowed=_allowed_globals(), encoding=encoding).load()
+
+
+def _torch_format_globals() -> dict[str, Any]:
+    # The globals torch's own weights_only loader accepts: tensor/storage rebuild
+    # functions, dtypes, devices. Reusing its list keeps us in step with torch.
+    from torch import _weights_only_unpickler
+
+    return dict(_weights_only_unpickler._get_allowed_globals())
+
+
+class _RestrictedPickleModule:
+    """A stand-in for the ``pickle`` module that ``torch.load(pickle_module=...)`` accepts.
+
+    ``torch.load(weights_only=True)`` has its own unpickler that, among other
+    gaps, cannot rebuild a ``defaultdict`` (AlphAction's ``MemoryPool`` holds
+    one). Handing torch a real unpickler with our ``find_class`` keeps every
+    pickle feature while still refusing unknown globals.
+    """
+
+    def __init__(self, source: str, allowed: dict[str, Any]) -> None:
+        outer = self
+
+        class Unpickler(_RestrictedUnpickler):
+            def __init__(self, file: IO[bytes], **kwargs: Any) -> None:
+                super().__init__(file, source=outer.source, allowed=outer.allowed, encoding=kwargs.get("encoding", "ASCII"))
+
+        self.source = source
+        self.allowed = allowed
+        self.Unpickler = Unpickler
+        self.__name__ = "stmixer_dist_ckpt.safe_pickle"
+
+    def load(self, file: IO[bytes], **kwargs: Any) -> Any:
+        return self.Unpickler(file, **kwargs).load()
+
+
+def safe_torch_load(
+    file: IO[bytes] | bytes | str,
+    *,
+    source: str,
+    map_location: str | torch.device = "cpu",
+    allow_unsafe_pickle: bool = False,
+    mmap: bool = False,
+) -> Any:
+    """``torch.load`` whose unpickler accepts only allow-listed globals.
+
+    Args:
+        file: a path, an open binary stream or the raw bytes.
+        source: the file or key name used in error messages.
+        map_location: where tensors land; CPU by default so no rank piles onto GPU 0.
+        allow_unsafe_pickle: load with plain pickle; only for files you trust fully.
+        mmap: memory-map the file instead of reading it (paths only).
+
+    Raises:
+        UnsafeCheckpointError: the data needs a global that is not allowed.
+    """
+    target: Any = io.BytesIO(file) if isinstance(file, (bytes, bytearray, memoryview)) else file
+    if allow_unsafe_pickle:
+        return torch.load(target, map_location=map_location, weights_only=False, mmap=mmap)
+    allowed = _torch_format_globals()
+    allowed.update(_allowed_globals())
+    restricted = _RestrictedPickleModule(source, allowed)
+    return torch.load(
+        target, map_location=map_location, weights_only=False, mmap=mmap, pickle_module=restricted
+    )
+
+
+def iter_allowed_names() -> Iterable[str]:
+    """Every ``module.qualname`` the safe loaders accept right now (for docs and ``inspect``)."""
+    return sorted(_allowed_globals())

@@ -1,0 +1,43 @@
+"""stmixer_dist_ckpt: sharded, resumable, safe checkpoints for distributed PyTorch training."""
+
+from ._version import __version__
+from .checkpointer import DEFAULT_HEAD_PREFIXES, Checkpointer
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DistributedCheckpointError,
+    IncompatibleCheckpointError,
+    IncompleteCheckpointError,
+    StorageError,
+    UnsafeCheckpointError,
+)
+from .legacy.key_matching import LoadReport
+from .load_result import LoadResult
+from .manifest import Manifest
+from .memory_pool import MemoryPool
+from .rank_state import RankStatePolicy, RNGState
+from .safe_pickle import register_safe_class
+
+__all__ = [
+    "__version__",
+    "Checkpointer",
+    "DEFAULT_HEAD_PREFIXES",
+    "LoadResult",
+    "LoadReport",
+    "Manifest",
+    "MemoryPool",
+    "RNGState",
+    "RankStatePolicy",
+    "register_safe_class",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "DistributedCheckpointError",
+    "IncompatibleCheckpointError",
+    "IncompleteCheckpointError",
+    "StorageError",
+    "UnsafeCheckpointError",
+]

@@ -1,0 +1,555 @@
+"""The Checkpointer: the STMixer/AlphAction API, saving sharded checkpoints with DCP.
+
+Training scripts written for maskrcnn-benchmark descendants keep working
+unchanged::
+
+    checkpointer = Checkpointer(model, optimizer, scheduler, cfg.OUTPUT_DIR, get_rank() == 0)
+    extra = checkpointer.load(cfg.MODEL.WEIGHT)
+    ...
+    checkpointer.save(f"model_{iteration:07d}", iteration=iteration, person_pool=pool)
+
+but ``save`` is now collective: every rank writes its own shards, and a load
+works on any world size and parallelism. The differences from upstream are
+listed in ``docs/migration.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import collective
+from ._dcp import (
+    FileDigest,
+    dcp_failure_causes,
+    describe_dcp_failures,
+    read_checkpoint_data,
+    read_checkpoint_metadata,
+    write_checkpoint_data,
+)
+from .errors import CheckpointError, DistributedCheckpointError, IncompatibleCheckpointError, StorageError
+from .layout import (
+    DATA_DIR_PREFIX,
+    TAG_FILE,
+    CheckpointKind,
+    ResolvedCheckpoint,
+    read_tag,
+    resolve_checkpoint,
+    resolve_tag,
+    validate_checkpoint_name,
+    write_tag,
+)
+from .load_result import LoadResult
+from .manifest import Manifest, write_manifest
+from .memory_pool import MemoryPool
+from .model_state import (
+    apply_model_state,
+    apply_optimizer_state,
+    capture_model_state,
+    capture_optimizer_state,
+    check_model_keys,
+    model_layout,
+)
+from .rank_state import RankStatePolicy, Stateful, rank_state_key
+from .safe_pickle import safe_torch_load
+from .scheduler_state import move_scheduler_to
+from .single_file import apply_legacy_optimizer_state, apply_single_file_model, load_single_file
+from .storage import StorageLocation, resolve_location
+
+__all__ = ["Checkpointer", "DEFAULT_HEAD_PREFIXES"]
+
+#: Model key prefixes treated as the classification head by ``no_head``:
+#: AlphAction's ``roi_heads.`` and STMixer's ``stm_head.``.
+DEFAULT_HEAD_PREFIXES: tuple[str, ...] = ("roi_heads.", "stm_head.")
+
+_RESERVED_EXTRA_NAMES = frozenset({"model", "optimizer", "scheduler"})
+
+
+def _to_bytes(value: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+class Checkpointer:
+    """Saves and loads model, optimizer, scheduler and extras as sharded checkpoints.
+
+    Args:
+        model: the model; plain, DDP-wrapped or FSDP2 (``fully_shard``).
+        optimizer: saved and restored with parameter-name keys, so it reshards.
+        scheduler: an LR scheduler (anything with ``state_dict``/``load_state_dict``).
+        save_dir: run directory, local path or fsspec URL (``s3://bucket/run``).
+            ``""`` disables saving, as upstream.
+        save_to_disk: whether this rank wants checkpoints written. The legacy
+            ``get_rank() == 0`` works: if any rank says yes, all ranks write
+            their shards. ``None``/``False`` on every rank means no write.
+        logger: where messages go; defaults to this module's logger.
+        storage_options: fsspec options for ``save_dir`` and paths passed to
+            ``load`` (S3 ``endpoint_url``, credentials, ...).
+        head_prefixes: model key prefixes that ``no_head`` leaves out.
+        rank_states: per-rank objects (e.g. ``{"rng": RNGState()}``) saved under
+            their rank and restored to the same rank.
+        rank_state_policy: what to do with per-rank state on another world size.
+        process_group: the group to save/load over; default: the default group.
+        allow_unsafe_pickle: load pickled objects without the allow list; only
+            for checkpoints you trust fully (see ``docs/security.md``).
+
+    Example:
+        >>> import torch
+        >>> from stmixer_dist_ckpt import Checkpointer
+        >>> model = torch.nn.Linear(4, 2)
+        >>> ckpt = Checkpointer(model, save_dir=str(tmp), save_to_disk=True)  # doctest: +SKIP
+        >>> ckpt.save("model_0000010", iteration=10)  # doctest: +SKIP
+        >>> ckpt.load()["iteration"]  # doctest: +SKIP
+        10
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any | None = None,
+        save_dir: str = "",
+        save_to_disk: bool | None = None,
+        logger: logging.Logger | None = None,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES,
+        rank_states: Mapping[str, Stateful] | None = None,
+        rank_state_policy: RankStatePolicy | str = RankStatePolicy.SKIP,
+        process_group: Any | None = None,
+        allow_unsafe_pickle: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if scheduler is not None and not (hasattr(scheduler, "state_dict") and hasattr(scheduler, "load_state_dict")):
+            raise TypeError("scheduler must have state_dict() and load_state_dict()")
+        for name, obj in (rank_states or {}).items():
+            if not isinstance(obj, Stateful):
+                raise TypeError(f"rank_states[{name!r}] must have state_dict() and load_state_dict()")
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.save_dir = str(save_dir) if save_dir else ""
+        self.save_to_disk = save_to_disk
+        self.logger = logger or logging.getLogger(__name__)
+        self.storage_options = dict(storage_options or {})
+        self.head_prefixes = tuple(head_prefixes)
+        self.rank_states = dict(rank_states or {})
+        self.rank_state_policy = RankStatePolicy(rank_state_policy)
+        self.process_group = process_group
+        self.allow_unsafe_pickle = allow_unsafe_pickle
+
+    # ------------------------------------------------------------------ tag
+    def _save_dir_location(self) -> StorageLocation | None:
+        return resolve_location(self.save_dir, self.storage_options) if self.save_dir else None
+
+    def has_checkpoint(self) -> bool:
+        """True when ``save_dir/last_checkpoint`` exists and names something."""
+        save_dir = self._save_dir_location()
+        return bool(save_dir is not None and read_tag(save_dir))
+
+    def get_checkpoint_file(self) -> str:
+        """The checkpoint the tag points at, as a path inside ``save_dir``; ``""`` when none."""
+        save_dir = self._save_dir_location()
+        if save_dir is None:
+            return ""
+        content = read_tag(save_dir)
+        return resolve_tag(save_dir, content).url if content else ""
+
+    def tag_last_checkpoint(self, last_filename: str) -> None:
+        """Point ``last_checkpoint`` at a checkpoint (a name, or a path inside ``save_dir``).
+
+        Not collective: call it on one rank. ``save`` does this itself.
+        """
+        save_dir = self._save_dir_location()
+        if save_dir is None:
+            raise ValueError("tag_last_checkpoint needs a save_dir")
+        target = resolve_tag(save_dir, str(last_filename))
+        write_tag(save_dir, target.name)
+
+    # ----------------------------------------------------------------- save
+    def save(self, name: str, **extra: Any) -> str | None:
+        """Save a checkpoint named ``name`` inside ``save_dir`` (collective: call on every rank).
+
+        Args:
+            name: the checkpoint's directory name, e.g. ``model_0000100``.
+            **extra: objects stored once (from rank 0) and returned by ``load``,
+                e.g. ``iteration``, ``person_pool``. Classes other than tensors,
+                numpy arrays, primitives and :class:`MemoryPool` must be
+                registered with :func:`register_safe_class` to be loaded again.
+
+        Returns:
+            The checkpoint's location, or ``None`` when nothing was written.
+
+        Raises:
+            DistributedCheckpointError: a rank failed; raised on every rank.
+                The previous checkpoint and the tag are left untouched.
+        """
+        clashing = _RESERVED_EXTRA_NAMES.intersection(extra)
+        if clashing:
+            raise ValueError(f"extra names {sorted(clashing)} are reserved for the checkpoint's own state; rename them")
+        group = self.process_group
+        wants = bool(self.save_dir) and bool(self.save_to_disk)
+        votes = collective.all_gather_object((wants, self.save_dir, name), group)
+        writers = [rank for rank, vote in enumerate(votes) if vote[0]]
+        if not writers:
+            self.logger.info("Not saving %r: save_dir is empty or save_to_disk is not set on any rank", name)
+            return None
+        _, save_dir_text, chosen_name = votes[writers[0]]
+        if len({vote[2] for vote in votes}) != 1:
+            raise ValueError(f"ranks passed different checkpoint names to save(): {[vote[2] for vote in votes]}")
+        validate_checkpoint_name(chosen_name)
+        started = time.perf_counter()
+        save_dir = resolve_location(save_dir_text, self.storage_options)
+        checkpoint_dir = save_dir.join(chosen_name)
+        token = collective.broadcast_object(f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}", 0, group)
+        data_dir = checkpoint_dir.join(DATA_DIR_PREFIX + token)
+        rank = collective.get_rank(group)
+        if rank == 0:
+            self.logger.info("Saving checkpoint to %s", checkpoint_dir.url)
+
+        state = collective.run_collectively(
+            lambda: self._capture_state(extra, rank), what=f"capturing state for {checkpoint_dir.url}", group=group
+        )
+        try:
+            digests = write_checkpoint_data(state, data_dir, group=group)
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise DistributedCheckpointError(
+                f"writing {data_dir.url} failed; the previous checkpoint and the tag are unchanged",
+                describe_dcp_failures(exc, rank),
+            ) from exc
+        all_digests = collective.all_gather_object(digests, group)
+        world_size = collective.get_world_size(group)
+        layout = model_layout(self.model)
+
+        def commit() -> None:
+            if rank != 0:
+                return
+            merged: dict[str, FileDigest] = {}
+            for rank_digests in all_digests:
+                merged.update(rank_digests)
+            visible = set(data_dir.listdir())
+            unseen = sorted(set(merged) - visible)
+            if unseen:
+                raise StorageError(
+                    f"rank 0 cannot see {unseen} in {data_dir.url}, written by other ranks: save_dir must be "
+                    "one storage location shared by every node (a shared filesystem or an object store)"
+                )
+            manifest = Manifest(
+                name=chosen_name,
+                data_dir=data_dir.name,
+                files={fname: _record(d) for fname, d in sorted(merged.items())},
+                world_size=world_size,
+                layout=layout,
+                contents=self._contents(extra, world_size),
+            )
+            write_manifest(checkpoint_dir, manifest)
+            write_tag(save_dir, chosen_name)
+            self._remove_unreferenced_data(checkpoint_dir, keep=data_dir.name)
+
+        collective.run_collectively(commit, what=f"committing {checkpoint_dir.url}", group=group)
+        if rank == 0:
+            total = sum(d.size for rank_digests in all_digests for d in rank_digests.values())
+            elapsed = time.perf_counter() - started
+            self.logger.info(
+                "Saved %s: %.1f MB in %.2f s from %d rank(s)", checkpoint_dir.url, total / 1e6, elapsed, world_size
+            )
+        return checkpoint_dir.url
+
+    def _capture_state(self, extra: Mapping[str, Any], rank: int) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": capture_model_state(self.model)}
+        if self.optimizer is not None:
+            state["optimizer"] = capture_optimizer_state(self.model, self.optimizer)
+        # Objects are stored once, from rank 0, pre-serialized so DCP treats each as one
+        # opaque item instead of flattening user dicts into keys.
+        if rank == 0:
+            if self.scheduler is not None:
+                state["scheduler"] = _to_bytes(self.scheduler.state_dict())
+            state["extra"] = {key: _to_bytes(value) for key, value in extra.items()}
+        if self.rank_states:
+            snapshot = {name: obj.state_dict() for name, obj in self.rank_states.items()}
+            state["rank_state"] = {rank_state_key(rank): _to_bytes(snapshot)}
+        return state
+
+    def _contents(self, extra: Mapping[str, Any], world_size: int) -> dict[str, Any]:
+        return {
+            "model": True,
+            "optimizer": self.optimizer is not None,
+            "scheduler": self.scheduler is not None,
+            "extra": sorted(extra),
+            "rank_state": sorted(self.rank_states) if self.rank_states else [],
+            "rank_state_world_size": world_size if self.rank_states else 0,
+        }
+
+    def _remove_unreferenced_data(self, checkpoint_dir: StorageLocation, *, keep: str) -> None:
+        """Delete data dirs of this checkpoint that the manifest no longer names.
+
+        They are the previous version of an overwritten checkpoint, or leftovers of
+        a save that crashed before committing. Failure to delete is only logged:
+        the new checkpoint is already committed.
+        """
+        for entry in checkpoint_dir.listdir():
+            if entry.startswith(DATA_DIR_PREFIX) and entry != keep:
+                try:
+                    checkpoint_dir.join(entry).remove(recursive=True)
+                except OSError as exc:
+                    self.logger.warning("could not remove stale data %s: %s", checkpoint_dir.join(entry).url, exc)
+
+    # ----------------------------------------------------------------- load
+    def load(
+        self,
+        f: str | None = None,
+        model_weight_only: bool = False,
+        adjust_scheduler: bool = False,
+        no_head: bool = False,
+        *,
+        strict: bool | None = None,
+    ) -> LoadResult:
+        """Load a checkpoint (collective when a process group exists: call on every rank).
+
+        Args:
+            f: a checkpoint path or URL; falsy resumes from ``last_checkpoint``.
+                An explicit ``f`` always wins over the tag.
+            model_weight_only: load only model weights; the result then has
+                ``iteration=0`` and an empty ``person_pool`` (transfer learning).
+            adjust_scheduler: keep the scheduler's current settings (milestones,
+                warmup) and only move it to the saved position.
+            no_head: leave the classification head (``head_prefixes``) as it is,
+                so a checkpoint with another number of classes loads.
+            strict: raise when model keys or shapes do not fit; with ``False``
+                the keys that fit are loaded and the rest are in ``result.report``.
+                ``None`` (default): strict for sharded checkpoints, lenient for
+                single files (upstream ``.pth``/``.pkl`` weights routinely lack
+                the head or carry extra keys, and upstream loaded them anyway).
+
+        Returns:
+            The saved extras that were not consumed (``iteration``,
+            ``person_pool``, ...), as a dict with a ``.report`` attribute.
+
+        Raises:
+            CheckpointNotFoundError: ``f`` (or the tag's target) does not exist.
+            IncompleteCheckpointError: the directory was never committed.
+            IncompatibleCheckpointError: keys do not fit and ``strict`` is set.
+        """
+        group = self.process_group
+        chosen = collective.broadcast_object(self._choose_source(f) if collective.get_rank(group) == 0 else None, 0, group)
+        if not chosen:
+            self.logger.info("No checkpoint found. Initializing model from scratch")
+            return LoadResult({})
+        self.logger.info("Loading checkpoint from %s", chosen)
+        location = resolve_location(chosen, self.storage_options)
+        resolved = collective.run_collectively(
+            lambda: resolve_checkpoint(location), what=f"opening {location.url}", group=group
+        )
+        if resolved.kind is CheckpointKind.FILE:
+            checkpoint = self._load_file(location.url)
+            return self._apply_single_file(
+                checkpoint, location.url, model_weight_only, adjust_scheduler, no_head, bool(strict)
+            )
+        return self._load_sharded(resolved, model_weight_only, adjust_scheduler, no_head, strict is not False)
+
+    def resume_or_load(self, path: str | None, *, resume: bool = True) -> LoadResult:
+        """fvcore's split: resume everything from the tag if asked and one exists, else load ``path``'s weights only."""
+        if resume and self.has_checkpoint():
+            return self.load(None)
+        return self.load(path, model_weight_only=True)
+
+    def _choose_source(self, f: str | None) -> str:
+        if f:
+            return str(f)
+        save_dir = self._save_dir_location()
+        if save_dir is None:
+            return ""
+        content = read_tag(save_dir)
+        return resolve_tag(save_dir, content).url if content else ""
+
+    def _load_sharded(
+        self, resolved: ResolvedCheckpoint, model_weight_only: bool, adjust_scheduler: bool, no_head: bool, strict: bool
+    ) -> LoadResult:
+        group = self.process_group
+        source = resolved.location.url
+        data = resolved.data
+        if data is None:  # resolve_checkpoint gives data for every directory kind
+            raise CheckpointError(f"{source} has no data directory")
+        metadata = collective.run_collectively(
+            lambda: read_checkpoint_metadata(data, allow_unsafe_pickle=self.allow_unsafe_pickle),
+            what=f"reading metadata of {source}",
+            group=group,
+        )
+        stored = metadata.state_dict_metadata
+        model_state = capture_model_state(self.model)
+        report = collective.run_collectively(
+            lambda: check_model_keys(
+                model_state, stored, head_prefixes=self.head_prefixes, skip_head=no_head, strict=strict, source=source
+            ),
+            what=f"matching keys of {source}",
+            group=group,
+        )
+        template: dict[str, Any] = {"model": {key: model_state[key] for key in report.loaded}}
+        load_optimizer = self.optimizer is not None and not model_weight_only and any(k.startswith("optimizer.") for k in stored)
+        if load_optimizer and self.optimizer is not None:
+            optimizer_state = capture_optimizer_state(self.model, self.optimizer)
+            skipped = set(report.head_skipped) | set(report.wrong_shape) | set(report.missing)
+            optimizer_state["state"] = {k: v for k, v in optimizer_state["state"].items() if k not in skipped}
+            self._check_optimizer_keys(optimizer_state, stored, source)
+            template["optimizer"] = optimizer_state
+        load_scheduler = self.scheduler is not None and not model_weight_only and "scheduler" in stored
+        if load_scheduler:
+            template["scheduler"] = b""
+        extra_names = [key[len("extra.") :] for key in stored if key.startswith("extra.")]
+        template["extra"] = dict.fromkeys(extra_names, b"")
+        own_rank_key = self._rank_state_to_read(resolved, stored)
+        if own_rank_key is not None:
+            template["rank_state"] = {own_rank_key: b""}
+
+        def read() -> None:
+            read_checkpoint_data(template, data, group=group, allow_unsafe_pickle=self.allow_unsafe_pickle)
+
+        self._read_collectively(read, source)
+        apply_model_state(self.model, template["model"])
+        if load_optimizer and self.optimizer is not None:
+            apply_optimizer_state(self.model, self.optimizer, template["optimizer"])
+            self.logger.info("Loaded optimizer from %s", source)
+        if load_scheduler:
+            scheduler_state = self._unpack(template["scheduler"], f"{source} [scheduler]")
+            self._restore_scheduler(scheduler_state, adjust_scheduler, source)
+        if own_rank_key is not None:
+            saved = self._unpack(template["rank_state"][own_rank_key], f"{source} [rank_state.{own_rank_key}]")
+            for name, obj in self.rank_states.items():
+                if name in saved:
+                    obj.load_state_dict(saved[name])
+        extras = {name: self._unpack(blob, f"{source} [extra.{name}]") for name, blob in template["extra"].items()}
+        return self._finish(extras, model_weight_only, report)
+
+    def _read_collectively(self, read: Any, source: str) -> None:
+        try:
+            read()
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            causes = dcp_failure_causes(exc)
+            if causes and all(isinstance(cause, CheckpointError) for cause in causes):
+                raise causes[0] from exc  # e.g. UnsafeCheckpointError: keep its type for callers
+            if not causes and isinstance(exc, Exception):
+                raise
+            rank = collective.get_rank(self.process_group)
+            raise DistributedCheckpointError(f"reading {source} failed", describe_dcp_failures(exc, rank)) from exc
+
+    def _check_optimizer_keys(self, optimizer_state: dict[str, Any], stored: Mapping[str, Any], source: str) -> None:
+        missing = [
+            f"{fqn}.{name}"
+            for fqn, entries in optimizer_state["state"].items()
+            for name, value in entries.items()
+            if isinstance(value, torch.Tensor) and f"optimizer.state.{fqn}.{name}" not in stored
+        ]
+        if missing:
+            raise IncompatibleCheckpointError(
+                f"{source} has no optimizer state for {len(missing)} entries, e.g. {missing[:5]}; it was saved with "
+                "another optimizer type or parameter set. Load with model_weight_only=True to start the optimizer fresh."
+            )
+
+    def _rank_state_to_read(self, resolved: ResolvedCheckpoint, stored: Mapping[str, Any]) -> str | None:
+        if not self.rank_states:
+            return None
+        saved_world = sorted(key for key in stored if key.startswith("rank_state."))
+        if not saved_world:
+            self.logger.warning("%s holds no per-rank state; rank_states keep their current values", resolved.location.url)
+            return None
+        world_size = collective.get_world_size(self.process_group)
+        if len(saved_world) != world_size:
+            message = (
+                f"{resolved.location.url} holds per-rank state of {len(saved_world)} rank(s) but this job has "
+                f"{world_size}; per-rank state ({sorted(self.rank_states)}) cannot be mapped onto other ranks"
+            )
+            if self.rank_state_policy is RankStatePolicy.ERROR:
+                raise IncompatibleCheckpointError(message + " (rank_state_policy='error')")
+            self.logger.warning("%s; keeping every rank's current per-rank state (rank_state_policy='skip')", message)
+            return None
+        return rank_state_key(collective.get_rank(self.process_group))
+
+    def _restore_scheduler(self, scheduler_state: Any, adjust_scheduler: bool, source: str) -> None:
+        if self.scheduler is None:
+            return
+        if adjust_scheduler:
+            last_epoch = int(scheduler_state["last_epoch"])
+            self.logger.info("Adjust scheduler at iteration %d", last_epoch)
+            move_scheduler_to(self.scheduler, last_epoch)
+        else:
+            self.logger.info("Loading scheduler from %s", source)
+            self.scheduler.load_state_dict(scheduler_state)
+
+    def _unpack(self, blob: Any, source: str) -> Any:
+        if not isinstance(blob, (bytes, bytearray)):
+            return blob
+        return safe_torch_load(bytes(blob), source=source, allow_unsafe_pickle=self.allow_unsafe_pickle)
+
+    def _finish(self, extras: dict[str, Any], model_weight_only: bool, report: Any) -> LoadResult:
+        if model_weight_only:
+            extras["iteration"] = 0
+            extras["person_pool"] = MemoryPool()
+        return LoadResult(extras, report=report)
+
+    # ----------------------------------------------------- single-file formats
+    def _load_file(self, f: str) -> dict[str, Any]:
+        """Read a single-file checkpoint into a ``{"model": ..., ...}`` dict.
+
+        Subclasses extend this for more formats (``ActionCheckpointer`` adds
+        Caffe2 ``.pkl``). The base class reads ``torch.save`` files: files
+        written by the upstream Checkpointer, consolidated checkpoints, and bare
+        state dicts.
+        """
+        return load_single_file(
+            f,
+            storage_options=self.storage_options,
+            allow_unsafe_pickle=self.allow_unsafe_pickle,
+            group=self.process_group,
+        )
+
+    def _apply_single_file(
+        self,
+        checkpoint: dict[str, Any],
+        source: str,
+        model_weight_only: bool,
+        adjust_scheduler: bool,
+        no_head: bool,
+        strict: bool,
+    ) -> LoadResult:
+        report = apply_single_file_model(
+            self.model,
+            checkpoint.pop("model"),
+            head_prefixes=self.head_prefixes,
+            skip_head=no_head,
+            strict=strict,
+            source=source,
+            group=self.process_group,
+        )
+        optimizer_state = checkpoint.pop("optimizer", None)
+        if optimizer_state is not None and self.optimizer is not None and not model_weight_only:
+            self.logger.info("Loading optimizer from %s", source)
+            apply_legacy_optimizer_state(self.model, self.optimizer, optimizer_state, source=source)
+        scheduler_state = checkpoint.pop("scheduler", None)
+        if scheduler_state is not None and self.scheduler is not None and not model_weight_only:
+            self._restore_scheduler(scheduler_state, adjust_scheduler, source)
+        return self._finish(checkpoint, model_weight_only, report)
+
+
+def _record(digest: FileDigest) -> Any:
+    from .manifest import FileRecord
+
+    return FileRecord(size=digest.size, crc32=digest.crc32)
+
+
+__all__ += ["TAG_FILE"]

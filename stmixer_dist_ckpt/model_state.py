@@ -1,0 +1,137 @@
+"""Model and optimizer state as DCP sees it, and how a checkpoint's keys fit a model.
+
+``torch.distributed.checkpoint.state_dict`` gives parallelism-neutral state:
+model keys without ``module.`` (DDP) or FSDP wrapper names, FSDP2 parameters
+as DTensor shards, optimizer state keyed by parameter name instead of by the
+integer position a plain ``optimizer.state_dict()`` uses. That neutrality is
+what lets a checkpoint saved on 4 FSDP2 ranks load on 2 DDP ranks: the
+template built here has the *current* layout and DCP reads the matching slices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from .errors import IncompatibleCheckpointError
+from .legacy.key_matching import LoadReport
+
+__all__ = [
+    "model_layout",
+    "capture_model_state",
+    "capture_optimizer_state",
+    "apply_model_state",
+    "apply_optimizer_state",
+    "check_model_keys",
+]
+
+MODEL_PREFIX = "model."
+OPTIMIZER_PREFIX = "optimizer."
+
+
+def model_layout(model: nn.Module) -> str:
+    """``"fsdp2"`` (DTensor parameters), ``"ddp"`` or ``"single"``; recorded in the manifest."""
+    if any(isinstance(param, DTensor) for param in model.parameters()):
+        return "fsdp2"
+    if isinstance(model, DistributedDataParallel):
+        return "ddp"
+    return "single"
+
+
+def capture_model_state(model: nn.Module) -> dict[str, Any]:
+    return get_model_state_dict(model)
+
+
+def capture_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def apply_model_state(model: nn.Module, state: dict[str, Any]) -> None:
+    # strict=False: keys left out on purpose (head skipping, non-strict loads) were
+    # already decided and reported by check_model_keys.
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+
+
+def apply_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    set_optimizer_state_dict(model, optimizer, state)
+
+
+def _global_shape(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, torch.Tensor):  # DTensor.shape is the global shape
+        return tuple(value.shape)
+    return None
+
+
+def check_model_keys(
+    model_state: Mapping[str, Any],
+    stored: Mapping[str, Any],
+    *,
+    head_prefixes: Sequence[str],
+    skip_head: bool,
+    strict: bool,
+    source: str,
+) -> LoadReport:
+    """Compare the model's keys with the checkpoint's ``model.*`` entries.
+
+    Args:
+        model_state: the model's current state dict (the load template).
+        stored: DCP ``state_dict_metadata`` (flattened key -> storage metadata).
+        head_prefixes: model key prefixes that make up the classification head.
+        skip_head: leave head keys out (``no_head``), so a new head of another
+            size never aborts the load.
+        strict: raise on missing, unexpected or mis-shaped keys instead of skipping them.
+        source: the checkpoint path, for messages.
+
+    Raises:
+        IncompatibleCheckpointError: ``strict`` and the keys do not fit; the
+            message lists every offending key.
+    """
+    loaded: dict[str, str] = {}
+    missing: list[str] = []
+    unexpected: list[str] = []
+    wrong_shape: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    head_skipped: list[str] = []
+    checkpoint_keys = {key[len(MODEL_PREFIX) :]: meta for key, meta in stored.items() if key.startswith(MODEL_PREFIX)}
+    prefixes = tuple(head_prefixes)
+    for key, value in model_state.items():
+        if skip_head and prefixes and key.startswith(prefixes):
+            head_skipped.append(key)
+            continue
+        meta = checkpoint_keys.get(key)
+        if meta is None:
+            missing.append(key)
+            continue
+        current = _global_shape(value)
+        if isinstance(meta, TensorStorageMetadata) and current is not None and tuple(meta.size) != current:
+            wrong_shape[key] = (tuple(meta.size), current)
+            continue
+        loaded[key] = key
+    for key in checkpoint_keys:
+        if key not in model_state and not (skip_head and prefixes and key.startswith(prefixes)):
+            unexpected.append(key)
+    report = LoadReport(
+        loaded=loaded, missing=missing, unexpected=unexpected, wrong_shape=wrong_shape, head_skipped=head_skipped
+    )
+    if strict and not report.is_clean:
+        raise IncompatibleCheckpointError(
+            f"{source} does not fit the model:\n  {report.format()}\n"
+            "Pass strict=False to load the keys that fit (the result's .report lists the rest), "
+            "or no_head=True if only the classification head differs."
+        )
+    if not report.is_clean or report.head_skipped:
+        logging.getLogger(__name__).warning("Loading %s:\n  %s", source, report.format())
+    return report

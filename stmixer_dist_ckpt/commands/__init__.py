@@ -1,0 +1,1 @@
+"""Subcommands of ``stmixer-ckpt``; each module exposes ``register(subparsers)``."""

@@ -145,18 +145,22 @@ def write_checkpoint_data(
     *,
     group: ProcessGroup | None = None,
     thread_count: int = 1,
+    replicated_from_rank0: bool = False,
 ) -> dict[str, FileDigest]:
     """Write ``state`` as a DCP checkpoint at ``location`` (collective).
 
     Each rank writes only what its plan assigns it; replicated tensors are
-    written once. Returns the digests of the files *this* rank wrote (the
-    coordinator's include ``.metadata``).
+    written once. By default DCP spreads replicated tensors over ranks to
+    balance the write; ``replicated_from_rank0`` makes rank 0 write all of them,
+    for layouts where "replicated" entries may differ per rank (FSDP2 leaves
+    buffers such as BatchNorm statistics unsynchronized). Returns the digests of
+    the files *this* rank wrote (the coordinator's include ``.metadata``).
     """
     writer, digesting = _make_writer(location, thread_count)
     dcp.save(
         state,
         storage_writer=writer,
-        planner=DefaultSavePlanner(),
+        planner=DefaultSavePlanner(dedup_save_to_lowest_rank=replicated_from_rank0),
         process_group=group,
         no_dist=not is_distributed(group),
     )

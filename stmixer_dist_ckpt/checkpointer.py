@@ -55,6 +55,7 @@ from .model_state import (
     capture_optimizer_state,
     check_model_keys,
     model_layout,
+    sync_ddp_buffers,
 )
 from .rank_state import RankStatePolicy, Stateful, rank_state_key
 from .safe_pickle import safe_torch_load
@@ -219,11 +220,13 @@ class Checkpointer:
         if rank == 0:
             self.logger.info("Saving checkpoint to %s", checkpoint_dir.url)
 
+        layout = model_layout(self.model)
+        sync_ddp_buffers(self.model)
         state = collective.run_collectively(
             lambda: self._capture_state(extra, rank), what=f"capturing state for {checkpoint_dir.url}", group=group
         )
         try:
-            digests = write_checkpoint_data(state, data_dir, group=group)
+            digests = write_checkpoint_data(state, data_dir, group=group, replicated_from_rank0=layout == "fsdp2")
         except BaseException as exc:  # DCP's CheckpointException derives from BaseException
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -233,7 +236,6 @@ class Checkpointer:
             ) from exc
         all_digests = collective.all_gather_object(digests, group)
         world_size = collective.get_world_size(group)
-        layout = model_layout(self.model)
 
         def commit() -> None:
             if rank != 0:

@@ -33,6 +33,7 @@ from .legacy.key_matching import LoadReport
 __all__ = [
     "model_layout",
     "capture_model_state",
+    "sync_ddp_buffers",
     "capture_optimizer_state",
     "apply_model_state",
     "apply_optimizer_state",
@@ -50,6 +51,26 @@ def model_layout(model: nn.Module) -> str:
     if isinstance(model, DistributedDataParallel):
         return "ddp"
     return "single"
+
+
+def sync_ddp_buffers(model: nn.Module) -> None:
+    """Give every DDP rank rank 0's buffers, as DDP's next forward would.
+
+    DDP broadcasts buffers (e.g. BatchNorm running statistics) from rank 0 at the
+    start of each forward, so right after a step each rank holds its own values
+    and rank 0's are the ones training continues with. A checkpoint stores one
+    copy of each replicated tensor, written by whichever rank DCP picks; syncing
+    first makes that copy rank 0's.
+    """
+    if not isinstance(model, DistributedDataParallel) or not getattr(model, "broadcast_buffers", True):
+        return
+    import torch.distributed as dist
+
+    group = getattr(model, "process_group", None)
+    source = dist.get_global_rank(group, 0) if group is not None else 0
+    with torch.no_grad():
+        for buffer in model.module.buffers():
+            dist.broadcast(buffer, src=source, group=group)
 
 
 def capture_model_state(model: nn.Module) -> dict[str, Any]:

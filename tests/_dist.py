@@ -7,6 +7,7 @@ test's tmp dir: no ports, so parallel pytest-xdist workers never collide.
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -32,7 +33,11 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, store_path: str, 
             value = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, None, value))
+        # Serialize to bytes: tensors put on a queue travel as shared-memory handles
+        # that die with this process, before the parent reads them.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, None, buffer.getvalue()))
     except BaseException:
         results.put((rank, traceback.format_exc(), None))
 
@@ -85,4 +90,7 @@ def run_distributed(
             failures[rank] = f"no result (exit code {proc.exitcode}; timed out after {timeout:.0f}s or died)"
     if failures:
         raise AssertionError("\n".join(f"[rank {rank}]\n{text}" for rank, text in sorted(failures.items())))
-    return [outcomes[rank][1] for rank in range(world_size)]
+    import torch
+
+    # weights_only=False: these are our own test processes' return values.
+    return [torch.load(io.BytesIO(outcomes[rank][1]), weights_only=False) for rank in range(world_size)]

@@ -3,8 +3,8 @@
 DCP does the sharded writing, the resharding on load, and the global plan. We
 adjust three things, all through its public extension points:
 
-* every stream a rank writes is checksummed while it is written, so the
-  manifest can record a CRC per file without reading the data back;
+* every stream a rank writes is hashed (XXH3-64) while it is written, so the
+  manifest can record a checksum per file without reading the data back;
 * ``.metadata`` is read with the restricted unpickler instead of ``pickle.load``;
 * non-tensor items are read with :func:`safe_torch_load` instead of
   ``torch.load(weights_only=False)``.
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import io
 import threading
-import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -44,35 +44,39 @@ except ImportError:  # pragma: no cover - exercised only on newer torch
 __all__ = [
     "FileDigest",
     "METADATA_FILE",
+    "CHECKSUM_ALGORITHM",
+    "file_checksum",
     "write_checkpoint_data",
     "read_checkpoint_metadata",
     "read_checkpoint_data",
 ]
 
 METADATA_FILE = ".metadata"
+CHECKSUM_ALGORITHM = "xxh3_64"
 
 
 @dataclass(frozen=True)
 class FileDigest:
-    """Size and CRC32 of one written file, computed from the bytes as they were written."""
+    """Size and checksum (``"xxh3_64:<hex>"``) of one written file, computed as it was written."""
 
     size: int
-    crc32: int
+    checksum: str
 
 
 class _DigestingStream(io.RawIOBase):
-    """Passes writes through and keeps a running CRC32 and byte count.
+    """Passes writes through and keeps a running XXH3-64 hash and byte count.
 
     DCP writes each file strictly front to back (``torch.save`` per item into
-    an append-only stream), so a running CRC equals the CRC of the file. A seek
-    would break that assumption, so it is refused loudly instead of producing
-    a wrong checksum.
+    an append-only stream), so a running hash equals the hash of the file. A
+    seek would break that assumption, so it is refused loudly instead of
+    producing a wrong checksum. XXH3 hashes at ~18 GB/s here against ~1.3 GB/s
+    for zlib's CRC32 at DCP's write sizes, which made saves 40% slower.
     """
 
     def __init__(self, inner: IO[bytes]) -> None:
         super().__init__()
         self._inner = inner
-        self.crc32 = 0
+        self._hash = xxhash.xxh3_64()
         self.size = 0
 
     def writable(self) -> bool:
@@ -80,13 +84,17 @@ class _DigestingStream(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.crc32 = zlib.crc32(view, self.crc32)
+        self._hash.update(view)
         self.size += view.nbytes
         written = self._inner.write(view)
         return view.nbytes if written is None else int(written)
 
     def tell(self) -> int:
         return self._inner.tell()
+
+    @property
+    def checksum(self) -> str:
+        return f"{CHECKSUM_ALGORITHM}:{self._hash.hexdigest()}"
 
     def seek(self, offset: int, whence: int = 0) -> int:
         raise io.UnsupportedOperation("checkpoint streams are append-only")
@@ -126,7 +134,20 @@ class _DigestingFileSystem:
             yield digesting
             name = str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".tmp")
             with self._lock:
-                self.digests[name] = FileDigest(size=digesting.size, crc32=digesting.crc32)
+                self.digests[name] = FileDigest(size=digesting.size, checksum=digesting.checksum)
+
+
+def file_checksum(stream: IO[bytes], chunk_size: int = 8 * 1024 * 1024) -> tuple[int, str]:
+    """``(size, "xxh3_64:<hex>")`` of a stream read to its end (for verifying stored files)."""
+    digest = xxhash.xxh3_64()
+    size = 0
+    while True:
+        chunk = stream.read(chunk_size)
+        if not chunk:
+            break
+        digest.update(chunk)
+        size += len(chunk)
+    return size, f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
 
 
 def _make_writer(location: StorageLocation, thread_count: int) -> tuple[Any, _DigestingFileSystem]:

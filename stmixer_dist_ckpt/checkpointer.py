@@ -551,7 +551,7 @@ class Checkpointer:
 def _record(digest: FileDigest) -> Any:
     from .manifest import FileRecord
 
-    return FileRecord(size=digest.size, crc32=digest.crc32)
+    return FileRecord(size=digest.size, checksum=digest.checksum)
 
 
 __all__ += ["TAG_FILE"]

@@ -2,7 +2,7 @@
 
 A checkpoint directory ``<save_dir>/<name>/`` holds ``manifest.json`` and one
 data directory ``data-<token>/`` with the DCP files. The manifest names that
-data directory and records every file's size and CRC32, the world size and
+data directory and records every file's size and XXH3-64 checksum, the world size and
 parallel layout at save time, what state was stored, and library versions.
 
 Because the manifest is written (atomically) only after every rank's data is
@@ -32,10 +32,10 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One data file: its size in bytes and the CRC32 of its content."""
+    """One data file: its size in bytes and a checksum of its content, ``"<algorithm>:<hex>"``."""
 
     size: int
-    crc32: int
+    checksum: str
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Manifest:
                     f"format_version {raw['format_version']} is newer than this library reads "
                     f"({FORMAT_VERSION}); upgrade stmixer_dist_ckpt"
                 )
-            files = {str(name): FileRecord(int(rec["size"]), int(rec["crc32"])) for name, rec in raw["files"].items()}
+            files = {str(name): FileRecord(int(rec["size"]), str(rec["checksum"])) for name, rec in raw["files"].items()}
             data_dir = str(raw["data_dir"])
             if "/" in data_dir or data_dir in ("", ".", ".."):
                 raise ValueError(f"data_dir {data_dir!r} must be a plain directory name")

@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,6 +65,22 @@ from .single_file import apply_legacy_optimizer_state, apply_single_file_model, 
 from .storage import StorageLocation, resolve_location
 
 __all__ = ["Checkpointer", "DEFAULT_HEAD_PREFIXES"]
+
+
+@dataclass
+class _SaveJob:
+    """One save between capture and commit; what the write and commit steps need."""
+
+    name: str
+    save_dir: StorageLocation
+    checkpoint_dir: StorageLocation
+    data_dir: StorageLocation
+    layout: str
+    state: dict[str, Any]
+    contents: dict[str, Any]
+    rank: int
+    world_size: int
+    started: float
 
 #: Model key prefixes treated as the classification head by ``no_head``:
 #: AlphAction's ``roi_heads.`` and STMixer's ``stm_head.``.
@@ -197,6 +214,17 @@ class Checkpointer:
             DistributedCheckpointError: a rank failed; raised on every rank.
                 The previous checkpoint and the tag are left untouched.
         """
+        job = self._prepare_save(name, extra)
+        if job is None:
+            return None
+        return self._write_and_commit(job, self.process_group)
+
+    def _prepare_save(self, name: str, extra: Mapping[str, Any]) -> _SaveJob | None:
+        """The synchronous part of a save, on every rank: agree on what to write and capture it.
+
+        Returns ``None`` when no rank wants to write (``save_dir`` empty or
+        ``save_to_disk`` unset everywhere).
+        """
         clashing = _RESERVED_EXTRA_NAMES.intersection(extra)
         if clashing:
             raise ValueError(f"extra names {sorted(clashing)} are reserved for the checkpoint's own state; rename them")
@@ -215,61 +243,84 @@ class Checkpointer:
         save_dir = resolve_location(save_dir_text, self.storage_options)
         checkpoint_dir = save_dir.join(chosen_name)
         token = collective.broadcast_object(f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}", 0, group)
-        data_dir = checkpoint_dir.join(DATA_DIR_PREFIX + token)
         rank = collective.get_rank(group)
         if rank == 0:
             self.logger.info("Saving checkpoint to %s", checkpoint_dir.url)
-
         layout = model_layout(self.model)
         sync_ddp_buffers(self.model)
         state = collective.run_collectively(
             lambda: self._capture_state(extra, rank), what=f"capturing state for {checkpoint_dir.url}", group=group
         )
+        world_size = collective.get_world_size(group)
+        return _SaveJob(
+            name=chosen_name,
+            save_dir=save_dir,
+            checkpoint_dir=checkpoint_dir,
+            data_dir=checkpoint_dir.join(DATA_DIR_PREFIX + token),
+            layout=layout,
+            state=state,
+            contents=self._contents(extra, world_size),
+            rank=rank,
+            world_size=world_size,
+            started=started,
+        )
+
+    def _write_and_commit(self, job: _SaveJob, group: Any | None) -> str:
+        """Write every rank's shards, then commit on rank 0 (collective over ``group``).
+
+        Runs on the caller's thread for a synchronous save; an asynchronous save
+        runs it on a background thread over a dedicated process group.
+        """
         try:
-            digests = write_checkpoint_data(state, data_dir, group=group, replicated_from_rank0=layout == "fsdp2")
+            digests = write_checkpoint_data(
+                job.state, job.data_dir, group=group, replicated_from_rank0=job.layout == "fsdp2"
+            )
         except BaseException as exc:  # DCP's CheckpointException derives from BaseException
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise DistributedCheckpointError(
-                f"writing {data_dir.url} failed; the previous checkpoint and the tag are unchanged",
-                describe_dcp_failures(exc, rank),
+                f"writing {job.data_dir.url} failed; the previous checkpoint and the tag are unchanged",
+                describe_dcp_failures(exc, job.rank),
             ) from exc
         all_digests = collective.all_gather_object(digests, group)
-        world_size = collective.get_world_size(group)
-
-        def commit() -> None:
-            if rank != 0:
-                return
-            merged: dict[str, FileDigest] = {}
-            for rank_digests in all_digests:
-                merged.update(rank_digests)
-            visible = set(data_dir.listdir())
-            unseen = sorted(set(merged) - visible)
-            if unseen:
-                raise StorageError(
-                    f"rank 0 cannot see {unseen} in {data_dir.url}, written by other ranks: save_dir must be "
-                    "one storage location shared by every node (a shared filesystem or an object store)"
-                )
-            manifest = Manifest(
-                name=chosen_name,
-                data_dir=data_dir.name,
-                files={fname: _record(d) for fname, d in sorted(merged.items())},
-                world_size=world_size,
-                layout=layout,
-                contents=self._contents(extra, world_size),
-            )
-            write_manifest(checkpoint_dir, manifest)
-            write_tag(save_dir, chosen_name)
-            self._remove_unreferenced_data(checkpoint_dir, keep=data_dir.name)
-
-        collective.run_collectively(commit, what=f"committing {checkpoint_dir.url}", group=group)
-        if rank == 0:
+        collective.run_collectively(
+            lambda: self._commit(job, all_digests) if job.rank == 0 else None,
+            what=f"committing {job.checkpoint_dir.url}",
+            group=group,
+        )
+        if job.rank == 0:
             total = sum(d.size for rank_digests in all_digests for d in rank_digests.values())
-            elapsed = time.perf_counter() - started
             self.logger.info(
-                "Saved %s: %.1f MB in %.2f s from %d rank(s)", checkpoint_dir.url, total / 1e6, elapsed, world_size
+                "Saved %s: %.1f MB in %.2f s from %d rank(s)",
+                job.checkpoint_dir.url,
+                total / 1e6,
+                time.perf_counter() - job.started,
+                job.world_size,
             )
-        return checkpoint_dir.url
+        return job.checkpoint_dir.url
+
+    def _commit(self, job: _SaveJob, all_digests: list[dict[str, FileDigest]]) -> None:
+        """On rank 0, after every rank's data is durable: manifest (the commit), then the tag."""
+        merged: dict[str, FileDigest] = {}
+        for rank_digests in all_digests:
+            merged.update(rank_digests)
+        unseen = sorted(set(merged) - set(job.data_dir.listdir()))
+        if unseen:
+            raise StorageError(
+                f"rank 0 cannot see {unseen} in {job.data_dir.url}, written by other ranks: save_dir must be "
+                "one storage location shared by every node (a shared filesystem or an object store)"
+            )
+        manifest = Manifest(
+            name=job.name,
+            data_dir=job.data_dir.name,
+            files={fname: _record(d) for fname, d in sorted(merged.items())},
+            world_size=job.world_size,
+            layout=job.layout,
+            contents=job.contents,
+        )
+        write_manifest(job.checkpoint_dir, manifest)
+        write_tag(job.save_dir, job.name)
+        self._remove_unreferenced_data(job.checkpoint_dir, keep=job.data_dir.name)
 
     def _capture_state(self, extra: Mapping[str, Any], rank: int) -> dict[str, Any]:
         state: dict[str, Any] = {"model": capture_model_state(self.model)}

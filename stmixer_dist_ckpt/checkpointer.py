@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import collective
+from .async_save import AsyncSaver
 from ._dcp import (
     FileDigest,
     dcp_failure_causes,
@@ -119,6 +120,10 @@ class Checkpointer:
         process_group: the group to save/load over; default: the default group.
         allow_unsafe_pickle: load pickled objects without the allow list; only
             for checkpoints you trust fully (see ``docs/security.md``).
+        async_save: ``save()`` returns once a consistent snapshot is arranged;
+            writing, commit and tag happen in the background (see
+            :mod:`stmixer_dist_ckpt.async_save`). Call :meth:`wait` before
+            destroying the process group.
 
     Example:
         >>> import torch
@@ -145,6 +150,7 @@ class Checkpointer:
         rank_state_policy: RankStatePolicy | str = RankStatePolicy.SKIP,
         process_group: Any | None = None,
         allow_unsafe_pickle: bool = False,
+        async_save: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -167,6 +173,7 @@ class Checkpointer:
         self.rank_state_policy = RankStatePolicy(rank_state_policy)
         self.process_group = process_group
         self.allow_unsafe_pickle = allow_unsafe_pickle
+        self._async = AsyncSaver(optimizer) if async_save else None
 
     # ------------------------------------------------------------------ tag
     def _save_dir_location(self) -> StorageLocation | None:
@@ -214,10 +221,48 @@ class Checkpointer:
             DistributedCheckpointError: a rank failed; raised on every rank.
                 The previous checkpoint and the tag are left untouched.
         """
+        self.wait()  # at most one save in flight; surfaces a background failure
         job = self._prepare_save(name, extra)
         if job is None:
             return None
-        return self._write_and_commit(job, self.process_group)
+        if self._async is None:
+            return self._write_and_commit(job, self.process_group)
+        group = self._async.background_group()
+        parameter_names = {name.removeprefix("module.") for name, _ in self.model.named_parameters()}
+
+        def copy_now(path: tuple[Any, ...]) -> bool:
+            # Model buffers (BatchNorm statistics) change during forward: copy them now.
+            # Parameters and optimizer state change only in optimizer.step().
+            return path[0] == "model" and path[1] not in parameter_names
+
+        def write(state: dict[str, Any], staging_failure: BaseException | None) -> None:
+            def check() -> None:
+                if staging_failure is not None:
+                    raise staging_failure
+
+            collective.run_collectively(check, what=f"snapshotting state for {job.checkpoint_dir.url}", group=group)
+            job.state = state
+            self._write_and_commit(job, group)
+
+        self._async.submit(job.state, copy_now, write)
+        return job.checkpoint_dir.url
+
+    def wait(self) -> None:
+        """Wait for an asynchronous save in flight to commit; raise its error if it failed.
+
+        A no-op for synchronous checkpointers. ``save`` and ``load`` call it first.
+        """
+        if self._async is not None:
+            self._async.wait()
+
+    def wait_for_snapshot(self) -> None:
+        """Wait until an async save no longer reads live tensors.
+
+        Needed only before modifying parameters in place *outside* the
+        optimizer right after ``save()``; the optimizer's ``step()`` waits by itself.
+        """
+        if self._async is not None:
+            self._async.wait_for_snapshot()
 
     def _prepare_save(self, name: str, extra: Mapping[str, Any]) -> _SaveJob | None:
         """The synchronous part of a save, on every rank: agree on what to write and capture it.
@@ -397,6 +442,7 @@ class Checkpointer:
             IncompleteCheckpointError: the directory was never committed.
             IncompatibleCheckpointError: keys do not fit and ``strict`` is set.
         """
+        self.wait()
         group = self.process_group
         chosen = collective.broadcast_object(self._choose_source(f) if collective.get_rank(group) == 0 else None, 0, group)
         if not chosen:

@@ -1,0 +1,131 @@
+"""Asynchronous saves: ``save()`` returns after a snapshot is arranged; write and commit run behind.
+
+Faults users hit with async checkpointing elsewhere, and what prevents each here:
+
+* *a "latest" pointer ahead of durable data*: the tag is written by the same
+  background step that commits, after every rank's data and the manifest;
+* *a recorded iteration newer than the saved state*: extras are serialized in
+  ``save()`` itself, and tensors come from the :class:`~.snapshot.Snapshot`;
+* *deadlocks between the background save and training collectives on one
+  process group*: the background work uses its own gloo group;
+* *memory growth across saves*: staging buffers are reused;
+* *lost errors*: a background failure is raised by the next ``save()``,
+  ``wait()`` or ``load()`` on every rank (the write and commit are collective
+  steps that already agree on failure).
+
+At most one save is in flight: the next one waits for it first.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import collective
+from .snapshot import Snapshot, StagingArea
+
+__all__ = ["AsyncSaver"]
+
+
+class AsyncSaver:
+    """Runs one checkpoint write at a time on a background thread.
+
+    Args:
+        optimizer: its ``step()`` waits for the snapshot copy; without one,
+            the copy happens before ``save()`` returns.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self._staging = StagingArea()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._snapshot: Snapshot | None = None
+        self._group: Any | None = None
+        self._group_ready = False
+        self._hook_handle: Any | None = None
+        self._optimizer = optimizer
+        if optimizer is not None:
+            self._hook_handle = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        atexit.register(_wait_at_exit, weakref.ref(self))
+
+    def background_group(self) -> Any | None:
+        """A dedicated gloo group (created on first use; collective, so every rank calls this in save())."""
+        if not self._group_ready:
+            if collective.is_distributed():
+                import torch.distributed as dist
+
+                self._group = dist.new_group(backend="gloo")
+            self._group_ready = True
+        return self._group
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        snapshot = self._snapshot
+        if snapshot is not None:
+            snapshot.wait()
+
+    def submit(
+        self,
+        state: dict[str, Any],
+        copy_now: Callable[[tuple[Any, ...]], bool],
+        write: Callable[[dict[str, Any], BaseException | None], Any],
+    ) -> None:
+        """Snapshot ``state`` and run ``write(snapshot_state, staging_failure)`` in the background.
+
+        ``write`` runs even when staging failed on this rank (with the failure
+        passed in), because it is collective: it must agree with the other
+        ranks on the failure instead of leaving them blocked.
+
+        Call :meth:`wait` first; this does not wait itself so the caller decides
+        where a previous failure surfaces.
+        """
+        snapshot = Snapshot(state, self._staging, copy_now=copy_now if self._optimizer is not None else (lambda p: True))
+        self._snapshot = snapshot
+
+        def run() -> None:
+            failure: BaseException | None = None
+            try:
+                snapshot.stage()
+            except BaseException as exc:
+                failure = exc
+            try:
+                write(snapshot.state, failure)
+            except BaseException as exc:
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="stmixer-async-save", daemon=True)
+        self._thread.start()
+
+    def wait_for_snapshot(self) -> None:
+        """Block until the in-flight save no longer reads live tensors."""
+        if self._snapshot is not None:
+            self._snapshot.wait()
+
+    def wait(self) -> None:
+        """Block until the in-flight save is committed; raise its error if it failed."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+            self._thread = None
+        self._snapshot = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def staging_bytes(self) -> int:
+        return self._staging.nbytes
+
+
+def _wait_at_exit(ref: weakref.ReferenceType[AsyncSaver]) -> None:
+    saver = ref()
+    if saver is not None and saver._thread is not None:
+        saver._thread.join()

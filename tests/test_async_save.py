@@ -1,0 +1,189 @@
+"""Async save correctness: snapshot consistency, ordering, failures, kills. No timing assertions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from stmixer_dist_ckpt import Checkpointer, DistributedCheckpointError
+from stmixer_dist_ckpt.snapshot import SnapshotModifiedError
+
+from ._dist import run_distributed
+from ._models import build, full_state, train_steps
+
+
+def _fresh_load(save_dir: str, parallel: str = "single") -> tuple[dict[str, Any], dict[str, Any]]:
+    model, optimizer, scheduler = build(parallel, seed=99)
+    extras = Checkpointer(model, optimizer, scheduler, save_dir).load()
+    return full_state(model, optimizer), dict(extras)
+
+
+def test_training_right_after_save_does_not_change_what_is_written(tmp_path: Path) -> None:
+    model, optimizer, scheduler = build("single")
+    train_steps(model, optimizer, scheduler, 0, 3)
+    expected = full_state(model, optimizer)
+    ckpt = Checkpointer(model, optimizer, scheduler, str(tmp_path), save_to_disk=True, async_save=True)
+    ckpt.save("model_0000003", iteration=3)
+    train_steps(model, optimizer, scheduler, 3, 2)  # optimizer.step() right away
+    ckpt.wait()
+    saved, extras = _fresh_load(str(tmp_path))
+    assert extras["iteration"] == 3
+    assert torch.equal(saved["model"]["odd.weight"], expected["model"]["odd.weight"])
+    assert torch.equal(saved["model"]["norm.running_mean"], expected["model"]["norm.running_mean"])
+    for fqn, entry in expected["optimizer"].items():
+        assert torch.equal(saved["optimizer"][fqn]["exp_avg"], entry["exp_avg"])
+    assert not torch.equal(full_state(model, optimizer)["model"]["odd.weight"], expected["model"]["odd.weight"])
+
+
+def test_back_to_back_saves_commit_in_order(tmp_path: Path) -> None:
+    model, optimizer, scheduler = build("single")
+    ckpt = Checkpointer(model, optimizer, scheduler, str(tmp_path), save_to_disk=True, async_save=True)
+    states = []
+    for step in range(1, 5):
+        train_steps(model, optimizer, scheduler, step - 1, 1)
+        states.append(full_state(model, optimizer))
+        ckpt.save(f"model_{step:07d}", iteration=step)
+    ckpt.wait()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000004"
+    for step in range(1, 5):
+        fresh, fresh_opt, fresh_sched = build("single", seed=5)
+        extras = Checkpointer(fresh, fresh_opt, fresh_sched).load(str(tmp_path / f"model_{step:07d}"))
+        assert extras["iteration"] == step
+        assert torch.equal(full_state(fresh, fresh_opt)["model"]["odd.weight"], states[step - 1]["model"]["odd.weight"])
+
+
+def test_in_place_change_outside_the_optimizer_fails_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stmixer_dist_ckpt.snapshot as snapshot_module
+
+    model, optimizer, scheduler = build("single")
+    ckpt = Checkpointer(model, optimizer, scheduler, str(tmp_path), save_to_disk=True, async_save=True)
+    ckpt.save("model_0000001", iteration=1)
+    ckpt.wait()
+    original_stage = snapshot_module.Snapshot.stage
+
+    def slow_stage(self: Any) -> None:
+        time.sleep(0.5)  # keep the copy pending while the test modifies a parameter
+        original_stage(self)
+
+    monkeypatch.setattr(snapshot_module.Snapshot, "stage", slow_stage)
+    ckpt.save("model_0000002", iteration=2)
+    with torch.no_grad():
+        model.odd.weight.add_(1.0)  # not through the optimizer, no wait_for_snapshot()
+    with pytest.raises(SnapshotModifiedError, match="odd.weight"):
+        ckpt.wait()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001"
+    assert not (tmp_path / "model_0000002" / "manifest.json").exists()
+
+    ckpt.save("model_0000003", iteration=3)
+    ckpt.wait_for_snapshot()  # the documented way to modify directly
+    with torch.no_grad():
+        model.odd.weight.add_(1.0)
+    ckpt.wait()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003"
+
+
+def test_no_staging_bytes_growth_across_saves(tmp_path: Path) -> None:
+    model, optimizer, scheduler = build("single")
+    ckpt = Checkpointer(model, optimizer, scheduler, str(tmp_path), save_to_disk=True, async_save=True)
+    sizes = []
+    for step in range(4):
+        train_steps(model, optimizer, scheduler, step, 1)
+        ckpt.save("model_latest", iteration=step)
+        ckpt.wait()
+        assert ckpt._async is not None
+        sizes.append(ckpt._async.staging_bytes)
+    assert sizes[0] > 0 and len(set(sizes)) == 1
+
+
+# ------------------------------------------------------------------ multi-rank
+def _async_ddp(rank: int, world: int, save_dir: str) -> dict[str, Any]:
+    model, optimizer, scheduler = build("ddp")
+    ckpt = Checkpointer(model, optimizer, scheduler, save_dir, save_to_disk=rank == 0, async_save=True)
+    train_steps(model, optimizer, scheduler, 0, 2)
+    expected = full_state(model, optimizer)
+    ckpt.save("model_0000002", iteration=2)
+    train_steps(model, optimizer, scheduler, 2, 3)  # training continues; collectives on the default group
+    ckpt.save("model_0000005", iteration=5)  # waits for the first one
+    ckpt.wait()
+    return expected
+
+
+def _async_load(rank: int, world: int, save_dir: str) -> dict[str, Any]:
+    model, optimizer, scheduler = build("ddp", seed=7)
+    extras = Checkpointer(model, optimizer, scheduler, save_dir).load(os.path.join(save_dir, "model_0000002"))
+    assert extras["iteration"] == 2
+    return full_state(model, optimizer)
+
+
+def test_async_ddp_round_trip_while_training_continues(tmp_path: Path) -> None:
+    from ._models import assert_states_equal
+
+    save_dir = str(tmp_path / "run")
+    expected = run_distributed(_async_ddp, 2, tmp_path, save_dir)
+    loaded = run_distributed(_async_load, 2, tmp_path, save_dir)
+    for state in loaded:
+        assert_states_equal(state, expected[0])
+    assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_0000005"
+
+
+def _background_failure(rank: int, world: int, save_dir: str) -> str:
+    import stmixer_dist_ckpt.checkpointer as module
+
+    model, optimizer, scheduler = build("ddp")
+    ckpt = Checkpointer(model, optimizer, scheduler, save_dir, save_to_disk=True, async_save=True)
+    if rank == 0:
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise OSError("object store refused the manifest")
+
+        module.write_manifest = broken  # type: ignore[assignment]
+    ckpt.save("model_0000001", iteration=1)
+    train_steps(model, optimizer, scheduler, 0, 1)
+    try:
+        ckpt.save("model_0000002", iteration=2)  # the next call raises the background failure
+    except DistributedCheckpointError as exc:
+        assert "object store refused the manifest" in str(exc)
+        return "raised"
+    return "not raised"
+
+
+def test_background_failure_is_raised_on_the_next_call_on_every_rank(tmp_path: Path) -> None:
+    outcome = run_distributed(_background_failure, 2, tmp_path, str(tmp_path / "run"))
+    assert outcome == ["raised", "raised"]
+    assert not (tmp_path / "run" / "last_checkpoint").exists()
+
+
+def _killed_mid_write(rank: int, world: int, save_dir: str) -> None:
+    import stmixer_dist_ckpt._dcp as dcp_module
+
+    model, optimizer, scheduler = build("ddp")
+    ckpt = Checkpointer(model, optimizer, scheduler, save_dir, save_to_disk=True, async_save=True)
+    train_steps(model, optimizer, scheduler, 0, 1)
+    ckpt.save("model_0000001", iteration=1)
+    ckpt.wait()
+    original_write = dcp_module._DigestingStream.write
+
+    def stalling_write(self: Any, data: Any) -> int:
+        written = original_write(self, data)
+        time.sleep(30)  # the background writer is now mid-file
+        return written
+
+    dcp_module._DigestingStream.write = stalling_write  # type: ignore[method-assign]
+    train_steps(model, optimizer, scheduler, 1, 1)
+    ckpt.save("model_0000002", iteration=2)
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)  # preempted while the async write is in flight
+
+
+def test_kill_during_async_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    save_dir = str(tmp_path / "run")
+    with pytest.raises(AssertionError, match="no result"):
+        run_distributed(_killed_mid_write, 2, tmp_path, save_dir, timeout=60)
+    assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_0000001"
+    _, extras = _fresh_load(save_dir)
+    assert extras["iteration"] == 1

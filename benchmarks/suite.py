@@ -1,0 +1,293 @@
+"""The throughput suite: every number next to its baseline, measured in the same run on the same directory.
+
+    python -m benchmarks.suite                       # 1 GiB state, world sizes 1 2 4
+    python -m benchmarks.suite --size-mb 128 --world-sizes 1 2   # quick
+
+For each world size (FSDP2-sharded state when > 1, so every rank writes only
+its shard) it reports, in GB/s of state bytes:
+
+* save: ours (durable: fsync'd, committed, tagged) vs plain ``dcp.save``
+  (``FileSystemWriter(sync_files=True)``) vs the legacy way (gather on rank 0
+  + ``torch.save`` + fsync) vs raw sequential writes of the same bytes with
+  fsync, one file per rank (the physical limit);
+* load: ours vs ``dcp.load`` vs ``torch.load`` of the gathered file vs raw reads;
+* async: the time ``save()`` blocks with ``async_save=True`` vs a sync save,
+  and ``dcp.async_save``'s blocking time;
+* small checkpoints: latency of a 10 MB save, ours vs DCP vs torch.save;
+* resharding: load time of a checkpoint saved at 4 ranks, loaded at 2, vs
+  saved and loaded at 2.
+
+Loads read right after the writes, so they come from the page cache where
+RAM allows; the ratios, not the absolute numbers, are what we track.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any
+
+from benchmarks._launch import run_ranks
+
+
+def _build(size_mb: int, world: int) -> Any:
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers = max(4, size_mb // 4)  # 4 MB per 1024x1024 float32 weight
+    model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(layers)])
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, optimizer
+
+
+def _timed(samples: dict[str, list[float]], key: str, fn: Any) -> Any:
+    import torch.distributed as dist
+
+    dist.barrier()
+    started = time.perf_counter()
+    result = fn()
+    dist.barrier()
+    samples.setdefault(key, []).append(time.perf_counter() - started)
+    return result
+
+
+def _local_bytes(model: Any) -> list[Any]:
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for param in model.parameters():
+        local = param._local_tensor if isinstance(param, DTensor) else param
+        out.append(local.detach().contiguous().view(-1).view(dtype=__import__("torch").uint8))
+    return out
+
+
+def _raw_write(path: str, chunks: list[Any]) -> None:
+    with open(path, "wb") as handle:
+        for chunk in chunks:
+            handle.write(memoryview(chunk.numpy()))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _raw_read(path: str) -> int:
+    total = 0
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            block = handle.read(16 * 1024 * 1024)
+            if not block:
+                return total
+            total += len(block)
+
+
+def _rank_body(rank: int, world: int, root: str, size_mb: int, repeats: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from stmixer_dist_ckpt import Checkpointer
+
+    model, optimizer = _build(size_mb, world)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    samples: dict[str, list[float]] = {}
+    chunks = _local_bytes(model)
+    for attempt in range(repeats):
+        base = os.path.join(root, f"ws{world}-{attempt}")
+        ours, plain, legacy, raw = (os.path.join(base, name) for name in ("ours", "dcp", "legacy.pth", "raw"))
+        if rank == 0:
+            os.makedirs(raw, exist_ok=True)
+        dist.barrier()
+        ckpt = Checkpointer(model, save_dir=ours, save_to_disk=True)
+        _timed(samples, "save_ours", lambda: ckpt.save("model_0000001"))
+        _timed(samples, "save_dcp", lambda: dcp.save({"model": get_model_state_dict(model)}, storage_writer=dcp.FileSystemWriter(plain, sync_files=True)))
+
+        def legacy_save() -> None:
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                with open(legacy, "wb") as handle:
+                    torch.save({"model": full}, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+
+        _timed(samples, "save_torch", legacy_save)
+        raw_file = os.path.join(raw, f"rank{rank}.bin")
+        _timed(samples, "save_raw", lambda: _raw_write(raw_file, chunks))
+
+        _timed(samples, "load_ours", lambda: Checkpointer(model, save_dir=ours).load())
+        _timed(samples, "load_dcp", lambda: dcp.load({"model": get_model_state_dict(model)}, checkpoint_id=plain))
+
+        def legacy_load() -> None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            full = torch.load(legacy, weights_only=True, mmap=True)["model"] if rank == 0 else {}
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1))
+
+        _timed(samples, "load_torch", legacy_load)
+        _timed(samples, "load_raw", lambda: _raw_read(raw_file))
+
+        # async: how long save() blocks, then how long until it is committed
+        async_ckpt = Checkpointer(model, optimizer, save_dir=ours + "-async", save_to_disk=True, async_save=True)
+        _timed(samples, "async_warmup_ours", lambda: (async_ckpt.save("model_0000001"), async_ckpt.wait()))
+        _timed(samples, "stall_async_ours", lambda: async_ckpt.save("model_0000002"))
+        _timed(samples, "async_total_ours", async_ckpt.wait)
+        sync_ckpt = Checkpointer(model, optimizer, save_dir=ours + "-sync", save_to_disk=True)
+        _timed(samples, "save_sync_with_optimizer", lambda: sync_ckpt.save("model_0000002"))
+        import torch.distributed.checkpoint as dcp_module
+
+        state = {"model": get_model_state_dict(model)}
+        future_box: list[Any] = []
+        _timed(samples, "stall_async_dcp", lambda: future_box.append(
+            dcp_module.async_save(state, storage_writer=dcp.FileSystemWriter(plain + "-async", sync_files=True))))
+        _timed(samples, "async_total_dcp", lambda: future_box[0].result())
+
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(base, ignore_errors=True)
+        dist.barrier()
+    medians = {key: statistics.median(values) for key, values in samples.items()}
+    return {"world_size": world, "state_bytes": full_bytes, "seconds": medians}
+
+
+def _small_latency(rank: int, world: int, root: str, repeats: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+
+    from stmixer_dist_ckpt import Checkpointer
+
+    model = nn.Sequential(*[nn.Linear(512, 512, bias=False) for _ in range(10)])  # 10.5 MB
+    samples: dict[str, list[float]] = {}
+    for attempt in range(repeats):
+        ckpt = Checkpointer(model, save_dir=os.path.join(root, f"small-{attempt}"), save_to_disk=True)
+        _timed(samples, "small_ours", lambda: ckpt.save("model_0000001"))
+        _timed(samples, "small_dcp", lambda: dcp.save({"model": model.state_dict()}, storage_writer=dcp.FileSystemWriter(os.path.join(root, f"small-dcp-{attempt}"), sync_files=True)))
+
+        def legacy() -> None:
+            with open(os.path.join(root, f"small-{attempt}.pth"), "wb") as handle:
+                torch.save({"model": model.state_dict()}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+        _timed(samples, "small_torch", legacy)
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def _reshard_save(rank: int, world: int, root: str, size_mb: int) -> None:
+    from stmixer_dist_ckpt import Checkpointer
+
+    model, _ = _build(size_mb, world)
+    Checkpointer(model, save_dir=os.path.join(root, f"reshard-from-{world}"), save_to_disk=True).save("model_0000001")
+
+
+def _reshard_load(rank: int, world: int, root: str, size_mb: int, source_world: int, repeats: int) -> float:
+    from stmixer_dist_ckpt import Checkpointer
+
+    model, _ = _build(size_mb, world)
+    samples: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        _timed(samples, "load", lambda: Checkpointer(model, save_dir=os.path.join(root, f"reshard-from-{source_world}")).load())
+    return statistics.median(samples["load"])
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=1024, help="state size (default: %(default)s)")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dir", default=None, help="directory to benchmark in (default: a temp dir)")
+    parser.add_argument("--json", default="bench_output/suite.json")
+    parser.add_argument("--plot", default="bench_output/suite.png")
+    args = parser.parse_args(argv)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    results: dict[str, Any] = {"size_mb": args.size_mb, "per_world_size": []}
+    with tempfile.TemporaryDirectory(prefix="bench-suite-", dir=args.dir) as root:
+        for world in args.world_sizes:
+            results["per_world_size"].append(run_ranks(_rank_body, world, root, args.size_mb, args.repeats))
+        results["small"] = run_ranks(_small_latency, 1, root, max(3, args.repeats))
+        if 4 in args.world_sizes and 2 in args.world_sizes:
+            run_ranks(_reshard_save, 4, root, args.size_mb)
+            run_ranks(_reshard_save, 2, root, args.size_mb)
+            results["reshard_4_to_2_s"] = run_ranks(_reshard_load, 2, root, args.size_mb, 4, args.repeats)
+            results["same_2_to_2_s"] = run_ranks(_reshard_load, 2, root, args.size_mb, 2, args.repeats)
+    _print_table(results)
+    with open(args.json, "w") as handle:
+        json.dump(results, handle, indent=2)
+    _plot(results, args.plot)
+    print(f"\nJSON: {args.json}   plot: {args.plot}")
+    return 0
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    print(f"state: {results['size_mb']} MB requested; GB/s of state bytes (median)")
+    print(f"{'ws':>3} | {'save: ours':>10} {'dcp':>6} {'torch':>6} {'raw':>6} | {'load: ours':>10} {'dcp':>6} {'torch':>6} {'raw':>6} | {'stall async':>11} {'sync save':>9} {'dcp async':>9}")
+    for row in results["per_world_size"]:
+        s, n = row["seconds"], row["state_bytes"]
+        print(
+            f"{row['world_size']:>3} | {_gbps(n, s['save_ours']):>10.2f} {_gbps(n, s['save_dcp']):>6.2f} {_gbps(n, s['save_torch']):>6.2f} "
+            f"{_gbps(n, s['save_raw']):>6.2f} | {_gbps(n, s['load_ours']):>10.2f} {_gbps(n, s['load_dcp']):>6.2f} "
+            f"{_gbps(n, s['load_torch']):>6.2f} {_gbps(n, s['load_raw']):>6.2f} | {s['stall_async_ours']:>10.3f}s "
+            f"{s['save_sync_with_optimizer']:>8.3f}s {s['stall_async_dcp']:>8.3f}s"
+        )
+    print("\nratios (ours / baseline):")
+    for row in results["per_world_size"]:
+        s = row["seconds"]
+        print(
+            f"  ws{row['world_size']}: save/raw-fsync {s['save_raw'] / s['save_ours']:.2f}, save/dcp {s['save_dcp'] / s['save_ours']:.2f}, "
+            f"load/raw {s['load_raw'] / s['load_ours']:.2f}, load/dcp {s['load_dcp'] / s['load_ours']:.2f}, "
+            f"async stall/sync save {s['stall_async_ours'] / s['save_sync_with_optimizer']:.3f} "
+            f"(dcp.async_save stall/sync {s['stall_async_dcp'] / s['save_sync_with_optimizer']:.3f})"
+        )
+    small = results["small"]
+    print(f"\n10 MB checkpoint latency: ours {small['small_ours'] * 1e3:.1f} ms, dcp {small['small_dcp'] * 1e3:.1f} ms, torch.save {small['small_torch'] * 1e3:.1f} ms")
+    if "reshard_4_to_2_s" in results:
+        print(f"resharded load (saved at 4, loaded at 2): {results['reshard_4_to_2_s']:.3f} s vs same topology (2->2): "
+              f"{results['same_2_to_2_s']:.3f} s, ratio {results['reshard_4_to_2_s'] / results['same_2_to_2_s']:.2f}")
+
+
+def _plot(results: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot; pip install -e '.[bench]')")
+        return
+    rows = results["per_world_size"]
+    worlds = [r["world_size"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("save_ours", "ours"), ("save_dcp", "dcp.save"), ("save_torch", "torch.save (rank 0)"), ("save_raw", "raw write+fsync")):
+        left.plot(worlds, [_gbps(r["state_bytes"], r["seconds"][key]) for r in rows], marker="o", label=label)
+    for key, label in (("load_ours", "ours"), ("load_dcp", "dcp.load"), ("load_torch", "torch.load (rank 0)"), ("load_raw", "raw read")):
+        right.plot(worlds, [_gbps(r["state_bytes"], r["seconds"][key]) for r in rows], marker="o", label=label)
+    for axis, title in ((left, "save (durable)"), (right, "load")):
+        axis.set_title(f"{title}, {results['size_mb']} MB state")
+        axis.set_xlabel("world size")
+        axis.set_ylabel("GB/s")
+        axis.set_xticks(worlds)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
 """stmixer_dist_ckpt: sharded, resumable, safe checkpoints for distributed PyTorch training."""
 
 from ._version import __version__
+from .action_checkpointer import ActionCheckpointer, C2WeightMap
 from .checkpointer import DEFAULT_HEAD_PREFIXES, Checkpointer
 from .errors import (
     CheckpointError,
@@ -22,6 +23,8 @@ from .safe_pickle import register_safe_class
 
 __all__ = [
     "__version__",
+    "ActionCheckpointer",
+    "C2WeightMap",
     "Checkpointer",
     "DEFAULT_HEAD_PREFIXES",
     "LoadResult",

@@ -88,6 +88,7 @@ def apply_single_file_model(
     strict: bool,
     source: str,
     group: Any | None = None,
+    report_hook: Callable[[LoadReport], LoadReport] | None = None,
 ) -> LoadReport:
     """Match rank 0's ``loaded`` weights to ``model`` and deliver them to every rank.
 
@@ -95,6 +96,10 @@ def apply_single_file_model(
         loaded: the file's model dict on rank 0 (ignored on other ranks).
         strict: raise when model keys are missing or mis-shaped instead of
             keeping their current values.
+        report_hook: rewrites the matcher's report on rank 0 before the strict
+            check and the log. A file format uses it to set aside keys it can
+            never hold (Caffe2 files have no BatchNorm ``num_batches_tracked``),
+            so they neither fail a strict load nor read as a broken one.
 
     Raises:
         IncompatibleCheckpointError: on every rank, for ambiguous matches, an
@@ -108,6 +113,8 @@ def apply_single_file_model(
         if rank != 0:
             return None
         updates, report = match_state_dict(shapes, loaded, head_prefixes=head_prefixes, skip_head=skip_head)
+        if report_hook is not None:
+            report = report_hook(report)
         if strict and (report.missing or report.wrong_shape):
             raise IncompatibleCheckpointError(
                 f"{source} does not fit the model:\n{report.format()}\n"

@@ -3,6 +3,7 @@
 from ._version import __version__
 from .action_checkpointer import ActionCheckpointer, C2WeightMap
 from .checkpointer import DEFAULT_HEAD_PREFIXES, Checkpointer
+from .consolidate import ConsolidationSummary, UnsafeExtrasPolicy, consolidate, read_checkpoint_entries
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -19,13 +20,22 @@ from .load_result import LoadResult
 from .manifest import Manifest
 from .memory_pool import MemoryPool
 from .rank_state import RankStatePolicy, RNGState
+from .inspect_checkpoint import inspect_checkpoint, list_checkpoints
 from .safe_pickle import register_safe_class
+from .single_to_sharded import convert_to_sharded
 
 __all__ = [
     "__version__",
     "ActionCheckpointer",
     "C2WeightMap",
     "Checkpointer",
+    "ConsolidationSummary",
+    "UnsafeExtrasPolicy",
+    "consolidate",
+    "convert_to_sharded",
+    "inspect_checkpoint",
+    "list_checkpoints",
+    "read_checkpoint_entries",
     "DEFAULT_HEAD_PREFIXES",
     "LoadResult",
     "LoadReport",

@@ -20,8 +20,6 @@ import io
 import logging
 import sys
 import time
-import uuid
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,11 +28,10 @@ from typing import IO, Any
 import torch
 
 from . import collective
-from ._dcp import write_checkpoint_data
+from .commit import contents_of, write_offline_checkpoint
 from .errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
-from .layout import DATA_DIR_PREFIX, validate_checkpoint_name
+from .layout import validate_checkpoint_name
 from .legacy.c2_pickle import load_c2_state_dict
-from .manifest import FileRecord, Manifest, write_manifest
 from .storage import StorageLocation, resolve_location
 
 __all__ = [
@@ -244,41 +241,16 @@ def convert_c2_to_sharded(
         )
     started = time.perf_counter()
     destination = resolve_location(dst_dir, storage_options)
-    name = validate_checkpoint_name(destination.name)
+    validate_checkpoint_name(destination.name)
     _prepare_destination(destination, overwrite)
     with open_weight_file(src_pkl, storage_options=storage_options, progress=progress) as stream:
         source = resolve_location(src_pkl, storage_options).url
         weights = load_c2_state_dict(stream, source=source, weight_map=weight_map)
     added = add_num_batches_tracked(weights, num_batches_tracked) if num_batches_tracked is not None else 0
 
-    destination.makedirs()
-    data_dir = destination.join(f"{DATA_DIR_PREFIX}{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}")
-    with warnings.catch_warnings():
-        # DCP warns that it "assumes the intent is to save in a single process"; here that is the point.
-        warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
-        digests = write_checkpoint_data({"model": weights}, data_dir)
-    manifest = Manifest(
-        name=name,
-        data_dir=data_dir.name,
-        files={fname: FileRecord(size=d.size, checksum=d.checksum) for fname, d in sorted(digests.items())},
-        world_size=1,
-        layout="single",
-        contents={
-            "model": True,
-            "optimizer": False,
-            "scheduler": False,
-            "extra": [],
-            "rank_state": [],
-            "rank_state_world_size": 0,
-            "converted_from": {"format": "caffe2-pkl", "source": source},
-        },
-    )
-    write_manifest(destination, manifest)
-    for entry in destination.listdir():
-        # Left by an earlier conversion into this directory (overwrite=True), or by one that
-        # died before committing; only now that the new manifest exists is it safe to delete.
-        if entry.startswith(DATA_DIR_PREFIX) and entry != data_dir.name:
-            destination.join(entry).remove(recursive=True)
+    contents = contents_of({"model": weights})
+    contents["converted_from"] = {"format": "caffe2-pkl", "source": source}
+    write_offline_checkpoint({"model": weights}, destination, contents=contents)
     num_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     logger.info(
         "Converted %s -> %s: %d tensors, %.1f MB in %.2f s",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import functools
 import importlib
 import io
 import pickle
@@ -72,6 +73,7 @@ def register_safe_class(cls: Any, *, name: str | None = None) -> None:
     key = name or _qualified_name(cls)
     with _lock:
         _user_allowed[key] = cls
+    _builtin_allow_list.cache_clear()
 
 
 def registered_safe_classes() -> dict[str, Any]:
@@ -139,12 +141,19 @@ def _builtin_globals() -> dict[str, Any]:
     return found
 
 
-def _allowed_globals() -> dict[str, Any]:
+@functools.lru_cache(maxsize=1)
+def _builtin_allow_list() -> dict[str, Any]:
+    # Building this walks torch and numpy namespaces (~1 ms); loads call it per item.
     allowed = _builtin_globals()
     allowed.update(_numpy_globals())
     allowed.update(_dcp_metadata_globals())
     allowed[_qualified_name(MemoryPool)] = MemoryPool
     allowed[LEGACY_MEMORY_POOL_NAME] = MemoryPool
+    return allowed
+
+
+def _allowed_globals() -> dict[str, Any]:
+    allowed = dict(_builtin_allow_list())
     allowed.update(registered_safe_classes())
     return allowed
 
@@ -201,6 +210,7 @@ def safe_pickle_load(
     return _RestrictedUnpickler(stream, source=source, allowed=_allowed_globals(), encoding=encoding).load()
 
 
+@functools.lru_cache(maxsize=1)
 def _torch_format_globals() -> dict[str, Any]:
     # The globals torch's own weights_only loader accepts: tensor/storage rebuild
     # functions, dtypes, devices. Reusing its list keeps us in step with torch.
@@ -257,7 +267,7 @@ def safe_torch_load(
     target: Any = io.BytesIO(file) if isinstance(file, (bytes, bytearray, memoryview)) else file
     if allow_unsafe_pickle:
         return torch.load(target, map_location=map_location, weights_only=False, mmap=mmap)
-    allowed = _torch_format_globals()
+    allowed = dict(_torch_format_globals())
     allowed.update(_allowed_globals())
     restricted = _RestrictedPickleModule(source, allowed)
     return torch.load(

@@ -162,6 +162,13 @@ def apply_legacy_optimizer_state(
         id_to_name = {pid: pid for pid in saved_ids}
     else:
         id_to_name = {pid: names[id(current[pos])] for pos, pid in enumerate(saved_ids)}
+    # Saved groups may carry keys this optimizer lacks, e.g. "initial_lr", which a scheduler adds:
+    # optimizer.load_state_dict would take the saved groups whole, and the name-keyed path below
+    # only fills keys the live groups already have, so add the missing ones first.
+    for live_group, saved_group in zip(optimizer.param_groups, saved_groups):
+        for key, value in saved_group.items():
+            if key != "params" and key not in live_group:
+                live_group[key] = value
     state = {id_to_name[pid]: value for pid, value in legacy["state"].items() if pid in id_to_name}
     groups = [{**group, "params": [id_to_name[pid] for pid in group["params"]]} for group in saved_groups]
     set_optimizer_state_dict(

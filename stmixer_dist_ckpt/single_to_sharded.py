@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
-import uuid
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,16 +24,16 @@ import torch
 from torch import nn
 
 from . import collective
-from ._dcp import write_checkpoint_data
+from .commit import write_offline_checkpoint
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     IncompatibleCheckpointError,
 )
-from .layout import DATA_DIR_PREFIX, validate_checkpoint_name
+from .layout import validate_checkpoint_name
 from .legacy.legacy_file import load_legacy_checkpoint
-from .manifest import MANIFEST_FILE, FileRecord, Manifest, write_manifest
+from .manifest import MANIFEST_FILE
 from .safe_pickle import safe_torch_load
 from .storage import StorageLocation, resolve_location
 
@@ -224,30 +221,6 @@ def convert_to_sharded(
                 "strings); use model_only=True to convert the weights alone"
             )
         state["extra"] = {name: _to_bytes(value) for name, value in loaded.items()}
-    token = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}"
-    data_dir = checkpoint_dir.join(DATA_DIR_PREFIX + token)
-    with warnings.catch_warnings():
-        # DCP warns that it "assumes the intent is to save in a single process"; here that is the point.
-        warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
-        digests = write_checkpoint_data(state, data_dir)
-    manifest = Manifest(
-        name=checkpoint_dir.name,
-        data_dir=data_dir.name,
-        files={name: FileRecord(size=d.size, checksum=d.checksum) for name, d in sorted(digests.items())},
-        world_size=1,
-        layout="single",
-        contents={
-            "model": True,
-            "optimizer": "optimizer" in state,
-            "scheduler": "scheduler" in state,
-            "extra": sorted(state.get("extra", {})),
-            "rank_state": [],
-            "rank_state_world_size": 0,
-        },
-    )
-    write_manifest(checkpoint_dir, manifest)
-    for entry in checkpoint_dir.listdir():  # the replaced checkpoint's data, once the new one is committed
-        if entry.startswith(DATA_DIR_PREFIX) and entry != data_dir.name:
-            checkpoint_dir.join(entry).remove(recursive=True)
-    logger.info("Converted %s -> %s (%d files)", source.url, checkpoint_dir.url, len(digests))
+    manifest = write_offline_checkpoint(state, checkpoint_dir)
+    logger.info("Converted %s -> %s (%d files)", source.url, checkpoint_dir.url, len(manifest.files))
     return checkpoint_dir.url

@@ -211,3 +211,19 @@ def test_overwriting_a_checkpoint_replaces_it_whole(tmp_path: Path) -> None:
     fresh, fresh_opt, fresh_sched = build("single", seed=7)
     assert Checkpointer(fresh, fresh_opt, fresh_sched, str(run)).load()["iteration"] == 99
     assert torch.equal(fresh.odd.weight, model.odd.weight)
+
+
+def test_legacy_file_whose_optimizer_groups_have_extra_keys_loads(tmp_path: Path) -> None:
+    # Regression: a file saved while a scheduler existed has "initial_lr" in its param groups;
+    # loading it into an optimizer without a scheduler raised KeyError('param_groups.0.initial_lr').
+    model, optimizer, scheduler = build("single")
+    train_steps(model, optimizer, scheduler, 0, 2)
+    path = tmp_path / "legacy.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": 2}, path)
+    fresh = TinyDetector()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.05, weight_decay=0.01)
+    extras = Checkpointer(fresh, fresh_optimizer).load(str(path))
+    assert extras["iteration"] == 2
+    assert fresh_optimizer.param_groups[0]["initial_lr"] == 0.05
+    saved = optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], saved)

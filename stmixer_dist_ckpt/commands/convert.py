@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import _convert_c2
 from ._common import storage_options_from
 from .consolidate import add_output_arguments, run_consolidate
 
@@ -78,6 +79,7 @@ def _torch_file_to_sharded(args: argparse.Namespace) -> int:
 
 SOURCE_KINDS: list[SourceKind] = [
     SourceKind("torch file", ".pth/.pt (torch.save) -> sharded checkpoint directory", _is_torch_file, _torch_file_to_sharded),
+    SourceKind(_convert_c2.NAME, _convert_c2.DESCRIPTION, _convert_c2.matches, _convert_c2.convert),
     SourceKind("sharded checkpoint", "checkpoint directory -> one .pth or .safetensors file", _is_sharded, run_consolidate),
 ]
 

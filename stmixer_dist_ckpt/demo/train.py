@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..action_checkpointer import ActionCheckpointer
 from ..checkpointer import Checkpointer
 from ..memory_pool import MemoryPool
 from ..rank_state import RNGState
@@ -107,7 +108,9 @@ def train_on_rank(rank: int, world_size: int, options: TrainOptions) -> dict[str
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     milestones = [options.max_iter * 2 // 3]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    checkpointer = Checkpointer(
+    # ActionCheckpointer, as in STMixer's train_net.py: it also reads Caffe2 .pkl init weights.
+    checkpointer = ActionCheckpointer(
+        None,
         model,
         optimizer,
         scheduler,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
+from . import _faults
 from .collective import ProcessGroup, is_distributed
 from .safe_pickle import safe_pickle_load, safe_torch_load
 from .storage import StorageLocation
@@ -73,9 +75,10 @@ class _DigestingStream(io.RawIOBase):
     for zlib's CRC32 at DCP's write sizes, which made saves 40% slower.
     """
 
-    def __init__(self, inner: IO[bytes]) -> None:
+    def __init__(self, inner: IO[bytes], fault_point: str = "save.shard_write") -> None:
         super().__init__()
         self._inner = inner
+        self._fault_point = fault_point
         self._hash = xxhash.xxh3_64()
         self.size = 0
 
@@ -87,6 +90,7 @@ class _DigestingStream(io.RawIOBase):
         self._hash.update(view)
         self.size += view.nbytes
         written = self._inner.write(view)
+        _faults.hit(self._fault_point)  # crash-safety tests: die with a partly written file
         return view.nbytes if written is None else int(written)
 
     def tell(self) -> int:
@@ -130,7 +134,8 @@ class _DigestingFileSystem:
             if "w" not in mode:
                 yield stream
                 return
-            digesting = _DigestingStream(stream)
+            metadata = str(path).rstrip("/").endswith((METADATA_FILE, METADATA_FILE + ".tmp"))
+            digesting = _DigestingStream(stream, "save.metadata_write" if metadata else "save.shard_write")
             yield digesting
             name = str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".tmp")
             with self._lock:
@@ -148,6 +153,19 @@ def file_checksum(stream: IO[bytes], chunk_size: int = 8 * 1024 * 1024) -> tuple
         digest.update(chunk)
         size += len(chunk)
     return size, f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+
+
+@contextmanager
+def _quiet_single_process(group: ProcessGroup | None) -> Iterator[None]:
+    """Silence DCP's "assuming the intent is to save/load in a single process" warning.
+
+    Without a process group, single-process is exactly what we ask for; the
+    warning would only teach users to ignore warnings.
+    """
+    with warnings.catch_warnings():
+        if not is_distributed(group):
+            warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
+        yield
 
 
 def _make_writer(location: StorageLocation, thread_count: int) -> tuple[Any, _DigestingFileSystem]:
@@ -178,13 +196,14 @@ def write_checkpoint_data(
     the files *this* rank wrote (the coordinator's include ``.metadata``).
     """
     writer, digesting = _make_writer(location, thread_count)
-    dcp.save(
-        state,
-        storage_writer=writer,
-        planner=DefaultSavePlanner(dedup_save_to_lowest_rank=replicated_from_rank0),
-        process_group=group,
-        no_dist=not is_distributed(group),
-    )
+    with _quiet_single_process(group):
+        dcp.save(
+            state,
+            storage_writer=writer,
+            planner=DefaultSavePlanner(dedup_save_to_lowest_rank=replicated_from_rank0),
+            process_group=group,
+            no_dist=not is_distributed(group),
+        )
     return dict(digesting.digests)
 
 
@@ -290,13 +309,14 @@ def read_checkpoint_data(
     reads, which is what makes loading on another world size work. Non-tensor
     leaves are replaced by the stored objects.
     """
-    dcp.load(
-        template,
-        storage_reader=_make_reader(location, allow_unsafe_pickle),
-        planner=_SafeLoadPlanner(location.url, allow_unsafe_pickle),
-        process_group=group,
-        no_dist=not is_distributed(group),
-    )
+    with _quiet_single_process(group):
+        dcp.load(
+            template,
+            storage_reader=_make_reader(location, allow_unsafe_pickle),
+            planner=_SafeLoadPlanner(location.url, allow_unsafe_pickle),
+            process_group=group,
+            no_dist=not is_distributed(group),
+        )
 
 
 def stored_keys(metadata: Metadata) -> Mapping[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,10 +86,7 @@ def write_offline_checkpoint(
     """
     checkpoint_dir.makedirs()
     data_dir = checkpoint_dir.join(new_data_dir_name())
-    with warnings.catch_warnings():
-        # DCP warns that it "assumes the intent is to save in a single process"; here that is the point.
-        warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
-        digests = write_checkpoint_data(state, data_dir)
+    digests = write_checkpoint_data(state, data_dir)
     manifest = build_manifest(
         checkpoint_dir.name,
         data_dir.name,

@@ -143,7 +143,7 @@ def train_on_rank(rank: int, world_size: int, options: TrainOptions) -> dict[str
         arguments["iteration"] = done
         # A stand-in for AlphAction's long-term feature bank: per-clip features.
         arguments["person_pool"].update({f"movie_{done % 3}": {done: torch.full((4,), float(done))}})
-        _progress(options, rank, "iteration", iteration=done, loss=float(loss))
+        _progress(options, rank, "iteration", iteration=done, loss=loss.item())
         if done % options.checkpoint_period == 0 and done < options.max_iter:
             saves.append(_timed_save(checkpointer, f"model_{done:07d}", arguments))
             _progress(options, rank, "saved", **saves[-1])

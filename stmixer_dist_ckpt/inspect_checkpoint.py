@@ -371,5 +371,5 @@ def format_checkpoint_info(info: CheckpointInfo, *, max_entries: int | None = No
         else:
             lines.append(f"    {e.key:<{width}}  {'object':<9} {e.preview or ''}")
     if len(shown) < len(info.entries):
-        lines.append(f"    ... {len(info.entries) - len(shown)} more (use --all or --json)")
+        lines.append(f"    ... {len(info.entries) - len(shown)} more (raise --limit, drop it to show all, or use --json)")
     return "\n".join(lines)

@@ -183,6 +183,13 @@ def run_demo(options: DemoOptions) -> DemoReport:
             f"phase 1: {options.world_size} rank(s) {options.parallel}, trained to iteration {reached}, killed with SIGKILL; "
             f"{_throughput(first_saves)}"
         )
+        if options.init_weights:
+            first_load = next(e for e in first_events if e["event"] == "loaded")
+            report.check(
+                "phase 1 started from --init-weights",
+                first_load["initialized_tensors"] > 0,
+                f"{first_load['initialized_tensors']} tensors from {options.init_weights} in {first_load['seconds']:.2f} s",
+            )
         expected_resume = (reached // options.checkpoint_period) * options.checkpoint_period
         reference = os.path.join(work_dir, "reference.pt")
         second = replace(base, phase="second", parallel=options.resume_parallel, reference_path=reference)

@@ -122,11 +122,15 @@ def train_on_rank(rank: int, world_size: int, options: TrainOptions) -> dict[str
     arguments: dict[str, Any] = {"iteration": 0, "person_pool": MemoryPool()}
     started = time.perf_counter()
     resumed_from = checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else ""
-    arguments.update(checkpointer.resume_or_load(options.init_weights or None, resume=True))
+    loaded = checkpointer.resume_or_load(options.init_weights or None, resume=True)
+    arguments.update(loaded)
     load_seconds = time.perf_counter() - started
     start_iter = int(arguments["iteration"])
+    initialized = 0
+    if not resumed_from and options.init_weights and loaded.report is not None:
+        initialized = len(loaded.report.loaded)
     _progress(options, rank, "loaded", iteration=start_iter, checkpoint=resumed_from, seconds=load_seconds,
-              world_size=world_size, bytes=_checkpoint_bytes(resumed_from))
+              world_size=world_size, bytes=_checkpoint_bytes(resumed_from), initialized_tensors=initialized)
 
     saves: list[dict[str, Any]] = []
     model.train()

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import collective
-from .async_save import AsyncSaver
+from . import _faults, collective
 from ._dcp import (
     FileDigest,
     dcp_failure_causes,
@@ -35,12 +34,15 @@ from ._dcp import (
     read_checkpoint_metadata,
     write_checkpoint_data,
 )
+from .async_save import AsyncSaver
 from .errors import CheckpointError, DistributedCheckpointError, IncompatibleCheckpointError, StorageError
+from .integrity import VerifyMode, verify_for_load
 from .layout import (
     DATA_DIR_PREFIX,
     TAG_FILE,
     CheckpointKind,
     ResolvedCheckpoint,
+    choose_resume_checkpoint,
     read_tag,
     resolve_checkpoint,
     resolve_tag,
@@ -60,6 +62,7 @@ from .model_state import (
     sync_ddp_buffers,
 )
 from .rank_state import RankStatePolicy, Stateful, rank_state_key
+from .retention import RetentionPolicy, clean_up_after_commit, discard_failed_write, make_policy
 from .safe_pickle import safe_torch_load
 from .scheduler_state import move_scheduler_to
 from .single_file import apply_legacy_optimizer_state, apply_single_file_model, load_single_file
@@ -124,6 +127,10 @@ class Checkpointer:
             writing, commit and tag happen in the background (see
             :mod:`stmixer_dist_ckpt.async_save`). Call :meth:`wait` before
             destroying the process group.
+        keep_last: keep only the K most recently committed checkpoints;
+            shorthand for ``retention=KeepLast(K)``.
+        retention: which checkpoints survive a save (:mod:`stmixer_dist_ckpt.retention`);
+            default keeps all. The tagged checkpoint and ``*_final`` are never deleted.
 
     Example:
         >>> import torch
@@ -151,6 +158,8 @@ class Checkpointer:
         process_group: Any | None = None,
         allow_unsafe_pickle: bool = False,
         async_save: bool = False,
+        keep_last: int | None = None,
+        retention: RetentionPolicy | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -174,6 +183,7 @@ class Checkpointer:
         self.process_group = process_group
         self.allow_unsafe_pickle = allow_unsafe_pickle
         self._async = AsyncSaver(optimizer) if async_save else None
+        self.retention = make_policy(keep_last, retention)
 
     # ------------------------------------------------------------------ tag
     def _save_dir_location(self) -> StorageLocation | None:
@@ -284,6 +294,7 @@ class Checkpointer:
         if len({vote[2] for vote in votes}) != 1:
             raise ValueError(f"ranks passed different checkpoint names to save(): {[vote[2] for vote in votes]}")
         validate_checkpoint_name(chosen_name)
+        _faults.hit("save.begin")
         started = time.perf_counter()
         save_dir = resolve_location(save_dir_text, self.storage_options)
         checkpoint_dir = save_dir.join(chosen_name)
@@ -296,6 +307,7 @@ class Checkpointer:
         state = collective.run_collectively(
             lambda: self._capture_state(extra, rank), what=f"capturing state for {checkpoint_dir.url}", group=group
         )
+        _faults.hit("save.before_write")
         world_size = collective.get_world_size(group)
         return _SaveJob(
             name=chosen_name,
@@ -323,10 +335,13 @@ class Checkpointer:
         except BaseException as exc:  # DCP's CheckpointException derives from BaseException
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
+            if job.rank == 0:  # DCP gathered every rank's write outcome: none is still writing
+                discard_failed_write(job.checkpoint_dir, job.data_dir, self.logger)
             raise DistributedCheckpointError(
                 f"writing {job.data_dir.url} failed; the previous checkpoint and the tag are unchanged",
                 describe_dcp_failures(exc, job.rank),
             ) from exc
+        _faults.hit("save.after_write")
         all_digests = collective.all_gather_object(digests, group)
         collective.run_collectively(
             lambda: self._commit(job, all_digests) if job.rank == 0 else None,
@@ -334,6 +349,15 @@ class Checkpointer:
             group=group,
         )
         if job.rank == 0:
+            # After the commit's collective: every rank is done with this save, so nothing
+            # removed here can still be in use (see stmixer_dist_ckpt.retention).
+            clean_up_after_commit(
+                job.save_dir,
+                committed=job.name,
+                token=job.data_dir.name[len(DATA_DIR_PREFIX) :],
+                policy=self.retention,
+                logger=self.logger,
+            )
             total = sum(d.size for rank_digests in all_digests for d in rank_digests.values())
             self.logger.info(
                 "Saved %s: %.1f MB in %.2f s from %d rank(s)",
@@ -363,9 +387,11 @@ class Checkpointer:
             layout=job.layout,
             contents=job.contents,
         )
+        _faults.hit("save.before_commit")
         write_manifest(job.checkpoint_dir, manifest)
+        _faults.hit("save.after_commit")
         write_tag(job.save_dir, job.name)
-        self._remove_unreferenced_data(job.checkpoint_dir, keep=job.data_dir.name)
+        _faults.hit("save.after_tag")
 
     def _capture_state(self, extra: Mapping[str, Any], rank: int) -> dict[str, Any]:
         state: dict[str, Any] = {"model": capture_model_state(self.model)}
@@ -392,20 +418,6 @@ class Checkpointer:
             "rank_state_world_size": world_size if self.rank_states else 0,
         }
 
-    def _remove_unreferenced_data(self, checkpoint_dir: StorageLocation, *, keep: str) -> None:
-        """Delete data dirs of this checkpoint that the manifest no longer names.
-
-        They are the previous version of an overwritten checkpoint, or leftovers of
-        a save that crashed before committing. Failure to delete is only logged:
-        the new checkpoint is already committed.
-        """
-        for entry in checkpoint_dir.listdir():
-            if entry.startswith(DATA_DIR_PREFIX) and entry != keep:
-                try:
-                    checkpoint_dir.join(entry).remove(recursive=True)
-                except OSError as exc:
-                    self.logger.warning("could not remove stale data %s: %s", checkpoint_dir.join(entry).url, exc)
-
     # ----------------------------------------------------------------- load
     def load(
         self,
@@ -415,6 +427,7 @@ class Checkpointer:
         no_head: bool = False,
         *,
         strict: bool | None = None,
+        verify: bool | str | VerifyMode = True,
     ) -> LoadResult:
         """Load a checkpoint (collective when a process group exists: call on every rank).
 
@@ -432,6 +445,12 @@ class Checkpointer:
                 ``None`` (default): strict for sharded checkpoints, lenient for
                 single files (upstream ``.pth``/``.pkl`` weights routinely lack
                 the head or carry extra keys, and upstream loaded them anyway).
+            verify: check the files against the manifest before reading them.
+                ``True`` (default): sizes and checksums; reads every byte once
+                more, split over the ranks. ``"size"``: sizes only, nearly free,
+                misses flipped bits. ``False``: no check; a damaged file can then
+                load silently wrong values. Files without a manifest (plain DCP
+                directories, ``.pth``) cannot be verified.
 
         Returns:
             The saved extras that were not consumed (``iteration``,
@@ -441,10 +460,18 @@ class Checkpointer:
             CheckpointNotFoundError: ``f`` (or the tag's target) does not exist.
             IncompleteCheckpointError: the directory was never committed.
             IncompatibleCheckpointError: keys do not fit and ``strict`` is set.
+            CorruptCheckpointError: ``verify`` found a damaged or missing file.
         """
         self.wait()
         group = self.process_group
-        chosen = collective.broadcast_object(self._choose_source(f) if collective.get_rank(group) == 0 else None, 0, group)
+        rank = collective.get_rank(group)
+        chosen = collective.broadcast_object(
+            collective.run_collectively(
+                lambda: self._choose_source(f) if rank == 0 else None, what="choosing the checkpoint", group=group
+            ),
+            0,
+            group,
+        )
         if not chosen:
             self.logger.info("No checkpoint found. Initializing model from scratch")
             return LoadResult({})
@@ -453,6 +480,7 @@ class Checkpointer:
         resolved = collective.run_collectively(
             lambda: resolve_checkpoint(location), what=f"opening {location.url}", group=group
         )
+        verify_for_load(resolved, verify, group=group, logger=self.logger)
         if resolved.kind is CheckpointKind.FILE:
             checkpoint = self._load_file(location.url)
             return self._apply_single_file(
@@ -472,8 +500,8 @@ class Checkpointer:
         save_dir = self._save_dir_location()
         if save_dir is None:
             return ""
-        content = read_tag(save_dir)
-        return resolve_tag(save_dir, content).url if content else ""
+        target = choose_resume_checkpoint(save_dir)  # skips a broken tag target, with a warning
+        return target.url if target is not None else ""
 
     def _load_sharded(
         self, resolved: ResolvedCheckpoint, model_weight_only: bool, adjust_scheduler: bool, no_head: bool, strict: bool

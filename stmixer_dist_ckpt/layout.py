@@ -23,7 +23,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 
-from .errors import CheckpointNotFoundError, IncompleteCheckpointError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from .manifest import MANIFEST_FILE, Manifest, read_manifest
 from .storage import StorageLocation
 
@@ -37,6 +37,8 @@ __all__ = [
     "write_tag",
     "resolve_tag",
     "resolve_checkpoint",
+    "committed_checkpoints",
+    "choose_resume_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ def validate_checkpoint_name(name: str) -> str:
     """Check a name given to ``save``; it becomes one directory inside ``save_dir``.
 
     Raises:
-        ValueError: empty, a path (``/``, ``\\``, ``..``), hidden, or reserved.
+        ValueError: empty, a path (``/``, ``\\``, ``..``), hidden, reserved, or
+            holding glob characters.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"checkpoint name must be a non-empty string, got {name!r}")
@@ -60,6 +63,10 @@ def validate_checkpoint_name(name: str) -> str:
         raise ValueError(f"checkpoint name {name!r} must not start with '.' (hidden names are used for staging)")
     if name == TAG_FILE:
         raise ValueError(f"{TAG_FILE!r} is reserved for the tag file; choose another checkpoint name")
+    if set(name) & set("*?[]"):
+        # fsspec expands these as glob patterns in rm/find; a name holding one could
+        # make a later cleanup delete other checkpoints.
+        raise ValueError(f"checkpoint name {name!r} contains one of '*?[]'; choose a name without them")
     return name
 
 
@@ -164,3 +171,69 @@ def resolve_checkpoint(location: StorageLocation) -> ResolvedCheckpoint:
         f"{location.url} is an incomplete checkpoint: it has no {MANIFEST_FILE} (commit marker), so the save "
         "that wrote it did not finish. Load an earlier checkpoint, or delete this directory."
     )
+
+
+def committed_checkpoints(save_dir: StorageLocation) -> list[tuple[StorageLocation, Manifest]]:
+    """Every committed checkpoint directly inside ``save_dir``, oldest commit first.
+
+    Only directories with a readable manifest count. A manifest that does not
+    parse is logged and skipped: it is damaged, which says nothing about age.
+    """
+    found: list[tuple[StorageLocation, Manifest]] = []
+    for name in save_dir.listdir():
+        if name == TAG_FILE or name.startswith("."):
+            continue
+        location = save_dir.join(name)
+        if not location.isdir():
+            continue
+        try:
+            manifest = read_manifest(location)
+        except CorruptCheckpointError as exc:
+            logger.warning("skipping %s: %s", location.url, exc)
+            continue
+        if manifest is not None:
+            found.append((location, manifest))
+    found.sort(key=lambda item: (item[1].created_unix, item[0].name))
+    return found
+
+
+def choose_resume_checkpoint(save_dir: StorageLocation) -> StorageLocation | None:
+    """What a resume (``load()`` without a path) loads: the tag's target, if it is usable.
+
+    ``save`` moves the tag only after a commit, so the tag names a missing or
+    uncommitted checkpoint only when something outside a save changed the
+    directory (a manual or interrupted delete, a partial copy, a tag written by
+    other code). The newest committed checkpoint (by commit time) is then
+    loaded with a warning: resuming from older, intact state beats both
+    crashing and silently restarting from scratch.
+
+    Returns:
+        The checkpoint to load, or ``None`` when there is no tag (a fresh run).
+
+    Raises:
+        CheckpointNotFoundError, IncompleteCheckpointError: the tag's target is
+            unusable and no committed checkpoint exists to fall back to.
+    """
+    content = read_tag(save_dir)
+    if not content:
+        return None
+    target = resolve_tag(save_dir, content)
+    try:
+        resolve_checkpoint(target)
+        return target
+    except (CheckpointNotFoundError, IncompleteCheckpointError) as exc:
+        committed = committed_checkpoints(save_dir)
+        if not committed:
+            raise type(exc)(
+                f"{exc} No committed checkpoint in {save_dir.url} to fall back to; delete "
+                f"{save_dir.join(TAG_FILE).url} to start from scratch."
+            ) from exc
+        fallback = committed[-1][0]
+        logger.warning(
+            "%s names %s, which is not usable (%s); resuming from the newest committed checkpoint %s instead",
+            save_dir.join(TAG_FILE).url,
+            target.url,
+            str(exc).splitlines()[0],
+            fallback.url,
+        )
+        return fallback

@@ -22,6 +22,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from . import _faults
 from .errors import StorageError
 
 __all__ = ["StorageLocation", "resolve_location"]
@@ -136,6 +137,7 @@ class StorageLocation:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
+                _faults.hit("storage.atomic_write")
                 os.replace(tmp, self.path)
             except BaseException:
                 if os.path.exists(tmp):
@@ -143,6 +145,7 @@ class StorageLocation:
                 raise
             fsync_directory(directory)
         else:
+            _faults.hit("storage.atomic_write")
             self.fs.pipe_file(self.path, data)
             self.refresh()
 

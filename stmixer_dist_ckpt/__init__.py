@@ -20,7 +20,9 @@ from .load_result import LoadResult
 from .manifest import Manifest
 from .memory_pool import MemoryPool
 from .rank_state import RankStatePolicy, RNGState
+from .retention import KeepAll, KeepAny, KeepEvery, KeepLast, RetentionPolicy
 from .inspect_checkpoint import inspect_checkpoint, list_checkpoints
+from .integrity import VerifyMode, VerifyReport, verify_checkpoint
 from .safe_pickle import register_safe_class
 from .single_to_sharded import convert_to_sharded
 
@@ -34,6 +36,14 @@ __all__ = [
     "consolidate",
     "convert_to_sharded",
     "inspect_checkpoint",
+    "KeepAll",
+    "KeepAny",
+    "KeepEvery",
+    "KeepLast",
+    "RetentionPolicy",
+    "VerifyMode",
+    "VerifyReport",
+    "verify_checkpoint",
     "list_checkpoints",
     "read_checkpoint_entries",
     "DEFAULT_HEAD_PREFIXES",

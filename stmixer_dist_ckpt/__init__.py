@@ -15,14 +15,14 @@ from .errors import (
     StorageError,
     UnsafeCheckpointError,
 )
+from .inspect_checkpoint import inspect_checkpoint, list_checkpoints
+from .integrity import VerifyMode, VerifyReport, verify_checkpoint
 from .legacy.key_matching import LoadReport
 from .load_result import LoadResult
 from .manifest import Manifest
 from .memory_pool import MemoryPool
 from .rank_state import RankStatePolicy, RNGState
 from .retention import KeepAll, KeepAny, KeepEvery, KeepLast, RetentionPolicy
-from .inspect_checkpoint import inspect_checkpoint, list_checkpoints
-from .integrity import VerifyMode, VerifyReport, verify_checkpoint
 from .safe_pickle import register_safe_class
 from .single_to_sharded import convert_to_sharded
 

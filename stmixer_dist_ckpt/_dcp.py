@@ -23,9 +23,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
-import torch.distributed.checkpoint as dcp
 import xxhash
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -45,6 +46,8 @@ except ImportError:  # pragma: no cover - exercised only on newer torch
 
 __all__ = [
     "FileDigest",
+    "FsspecReader",
+    "FsspecWriter",
     "METADATA_FILE",
     "CHECKSUM_ALGORITHM",
     "file_checksum",
@@ -197,7 +200,7 @@ def write_checkpoint_data(
     """
     writer, digesting = _make_writer(location, thread_count)
     with _quiet_single_process(group):
-        dcp.save(
+        dcp_save(
             state,
             storage_writer=writer,
             planner=DefaultSavePlanner(dedup_save_to_lowest_rank=replicated_from_rank0),
@@ -205,6 +208,31 @@ def write_checkpoint_data(
             no_dist=not is_distributed(group),
         )
     return dict(digesting.digests)
+
+
+def _check_data_file_names(metadata: Metadata, source: str) -> None:
+    """Refuse data-file names that would leave the checkpoint's directory.
+
+    DCP joins each ``_StorageInfo.relative_path`` to the checkpoint directory
+    and opens the result. A hand-edited ``.metadata`` naming ``/other/run/__0_0.distcp``
+    or ``../x`` would otherwise load another checkpoint's tensors, or any file,
+    in place of this one's. DCP itself only ever writes plain ``str`` names.
+    """
+    from .errors import CorruptCheckpointError
+
+    storage = metadata.storage_data
+    if storage is None:
+        return  # DCP reports the missing storage_data itself
+    if not isinstance(storage, Mapping):
+        raise CorruptCheckpointError(f"{source}: storage_data is a {type(storage).__name__}, not a mapping")
+    for index, info in storage.items():
+        name = getattr(info, "relative_path", None)
+        if type(name) is not str or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise CorruptCheckpointError(
+                f"{source}: item {getattr(index, 'fqn', index)!r} names the data file {name!r}, which is not a "
+                "plain file name inside the checkpoint directory; refusing to read outside it. The metadata "
+                "was edited or damaged: copy the checkpoint again from its source."
+            )
 
 
 class _SafeMetadataMixin:
@@ -224,9 +252,10 @@ class _SafeMetadataMixin:
             from .errors import CorruptCheckpointError
 
             raise CorruptCheckpointError(f"{path} does not hold DCP metadata (found {type(metadata).__name__})")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        _check_data_file_names(metadata, str(path))
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
         return metadata
 
 
@@ -310,7 +339,7 @@ def read_checkpoint_data(
     leaves are replaced by the stored objects.
     """
     with _quiet_single_process(group):
-        dcp.load(
+        dcp_load(
             template,
             storage_reader=_make_reader(location, allow_unsafe_pickle),
             planner=_SafeLoadPlanner(location.url, allow_unsafe_pickle),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from ._dcp import (
     write_checkpoint_data,
 )
 from .async_save import AsyncSaver
+from .commit import build_manifest, new_data_dir_name
 from .errors import CheckpointError, DistributedCheckpointError, IncompatibleCheckpointError, StorageError
 from .integrity import VerifyMode, verify_for_load
 from .layout import (
@@ -50,7 +50,7 @@ from .layout import (
     write_tag,
 )
 from .load_result import LoadResult
-from .manifest import Manifest, write_manifest
+from .manifest import MANIFEST_FILE, write_manifest
 from .memory_pool import MemoryPool
 from .model_state import (
     apply_model_state,
@@ -298,7 +298,7 @@ class Checkpointer:
         started = time.perf_counter()
         save_dir = resolve_location(save_dir_text, self.storage_options)
         checkpoint_dir = save_dir.join(chosen_name)
-        token = collective.broadcast_object(f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}", 0, group)
+        data_dir_name = collective.broadcast_object(new_data_dir_name(), 0, group)
         rank = collective.get_rank(group)
         if rank == 0:
             self.logger.info("Saving checkpoint to %s", checkpoint_dir.url)
@@ -313,7 +313,7 @@ class Checkpointer:
             name=chosen_name,
             save_dir=save_dir,
             checkpoint_dir=checkpoint_dir,
-            data_dir=checkpoint_dir.join(DATA_DIR_PREFIX + token),
+            data_dir=checkpoint_dir.join(data_dir_name),
             layout=layout,
             state=state,
             contents=self._contents(extra, world_size),
@@ -379,13 +379,8 @@ class Checkpointer:
                 f"rank 0 cannot see {unseen} in {job.data_dir.url}, written by other ranks: save_dir must be "
                 "one storage location shared by every node (a shared filesystem or an object store)"
             )
-        manifest = Manifest(
-            name=job.name,
-            data_dir=job.data_dir.name,
-            files={fname: _record(d) for fname, d in sorted(merged.items())},
-            world_size=job.world_size,
-            layout=job.layout,
-            contents=job.contents,
+        manifest = build_manifest(
+            job.name, job.data_dir.name, merged, world_size=job.world_size, layout=job.layout, contents=job.contents
         )
         _faults.hit("save.before_commit")
         write_manifest(job.checkpoint_dir, manifest)
@@ -477,9 +472,23 @@ class Checkpointer:
             return LoadResult({})
         self.logger.info("Loading checkpoint from %s", chosen)
         location = resolve_location(chosen, self.storage_options)
-        resolved = collective.run_collectively(
-            lambda: resolve_checkpoint(location), what=f"opening {location.url}", group=group
+        # Rank 0 classifies the path; only a sharded checkpoint must be visible to every rank
+        # (a single file is read on rank 0 alone and may live on rank 0's node only).
+        kind = collective.broadcast_object(
+            collective.run_collectively(
+                lambda: resolve_checkpoint(location).kind if rank == 0 else None,
+                what=f"opening {location.url}",
+                group=group,
+            ),
+            0,
+            group,
         )
+        if kind is CheckpointKind.FILE:
+            resolved = ResolvedCheckpoint(CheckpointKind.FILE, location, None, None)
+        else:
+            resolved = collective.run_collectively(
+                lambda: resolve_checkpoint(location), what=f"opening {location.url}", group=group
+            )
         verify_for_load(resolved, verify, group=group, logger=self.logger)
         if resolved.kind is CheckpointKind.FILE:
             checkpoint = self._load_file(location.url)
@@ -496,6 +505,11 @@ class Checkpointer:
 
     def _choose_source(self, f: str | None) -> str:
         if f:
+            given = resolve_location(str(f), self.storage_options)
+            if _is_run_directory(given):
+                # A run directory (it has a tag but is no checkpoint itself): resume from it.
+                target = choose_resume_checkpoint(given)
+                return target.url if target is not None else ""
             return str(f)
         save_dir = self._save_dir_location()
         if save_dir is None:
@@ -673,10 +687,13 @@ class Checkpointer:
         return self._finish(checkpoint, model_weight_only, report)
 
 
-def _record(digest: FileDigest) -> Any:
-    from .manifest import FileRecord
+def _is_run_directory(location: StorageLocation) -> bool:
+    if not location.isdir():
+        return False
+    names = set(location.listdir())
+    return TAG_FILE in names and MANIFEST_FILE not in names and ".metadata" not in names
 
-    return FileRecord(size=digest.size, checksum=digest.checksum)
+
 
 
 __all__ += ["TAG_FILE"]

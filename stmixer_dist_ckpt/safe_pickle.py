@@ -9,7 +9,8 @@ allow list of globals:
 * :func:`safe_torch_load` for ``torch.save`` data (DCP items, extras, ``.pth``):
   ``torch.load(weights_only=True)`` plus our allow list;
 * :func:`safe_pickle_load` for raw pickles (DCP ``.metadata``, Caffe2 ``.pkl``):
-  a :class:`pickle.Unpickler` whose ``find_class`` only returns allowed globals.
+  an unpickler whose ``find_class`` only returns allowed globals and which
+  refuses to set attributes on classes, functions and other shared objects.
 
 Tensors, numpy arrays, Python primitives and containers, :class:`MemoryPool`
 (also under its AlphAction name) and DCP's metadata classes are allowed.
@@ -21,13 +22,16 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import enum
 import functools
 import importlib
 import io
 import pickle
+import struct
 import threading
-from collections.abc import Iterable
-from typing import IO, Any
+import types
+from collections.abc import Callable, Iterable
+from typing import IO, Any, ClassVar
 
 import torch
 
@@ -167,11 +171,46 @@ def _refusal(source: str, global_name: str) -> UnsafeCheckpointError:
     )
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+# BUILD sets attributes on whatever sits below it on the stack. On an allowed
+# class, function or enum member that would let a file rewrite shared objects
+# for the whole process (a method of ``MemoryPool``, the value of a DCP enum member)
+# while "only" loading allow-listed names.
+_SHARED_OBJECT_TYPES = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType, enum.Enum)
+_plain_build: Callable[[Any], None] = pickle._Unpickler.dispatch[pickle.BUILD[0]]
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, because only it lets BUILD be checked (about 2x slower than C)."""
+
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
+    stack: list[Any]  # the unpickler's working stack (not in typeshed's stub)
+
     def __init__(self, file: IO[bytes], *, source: str, allowed: dict[str, Any], encoding: str) -> None:
         super().__init__(file, encoding=encoding)
         self._source = source
         self._allowed = allowed
+        self._resolved_ids: set[int] = set()
+
+    def load(self) -> Any:
+        try:
+            return super().load()
+        except (KeyError, IndexError, struct.error) as exc:
+            # Where the C unpickler reports malformed data as UnpicklingError (which
+            # callers catch), the Python one lets an unknown opcode or a short stack
+            # escape as these.
+            raise pickle.UnpicklingError(f"malformed pickle data ({type(exc).__name__}: {exc})") from exc
+
+    def _load_build(self) -> None:
+        target = self.stack[-2]
+        if id(target) in self._resolved_ids or isinstance(target, _SHARED_OBJECT_TYPES):
+            raise UnsafeCheckpointError(
+                f"{self._source}: refusing to set attributes on {getattr(target, '__qualname__', repr(target))!r}: "
+                "the pickle tries to modify a shared class, function or constant while loading, which no "
+                "checkpoint needs. Do not load this file; if you trust it fully, pass allow_unsafe_pickle=True."
+            )
+        _plain_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def find_class(self, module: str, name: str) -> Any:
         # Python 2 pickles (protocol < 3) name builtins "__builtin__" and so on;
@@ -182,7 +221,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             module = _compat_pickle.IMPORT_MAPPING[module]
         global_name = f"{module}.{name}"
         if global_name in self._allowed:
-            return self._allowed[global_name]
+            found = self._allowed[global_name]
+            self._resolved_ids.add(id(found))  # stays alive in the allow list, so the id is stable
+            return found
         raise _refusal(self._source, global_name)
 
 

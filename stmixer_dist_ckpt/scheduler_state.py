@@ -33,7 +33,7 @@ def move_scheduler_to(scheduler: Any, last_epoch: int) -> list[float]:
             lrs = list(scheduler._get_closed_form_lr())
         else:
             lrs = list(scheduler.get_lr())
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = [float(lr) for lr in lrs]
     return [float(lr) for lr in lrs]

@@ -124,7 +124,7 @@ def apply_single_file_model(
 
     matched = collective.run_collectively(match, what=f"matching keys of {source}", group=group)
     report = collective.broadcast_object(matched[1] if matched is not None else None, 0, group)
-    updates = matched[0] if matched is not None else {}
+    updates: dict[str, Any] = dict(matched[0]) if matched is not None else {}
     if report is not None and (not report.is_clean or report.head_skipped) and rank == 0:
         logger.warning("Loading %s:\n%s", source, report.format())
     if collective.is_distributed(group):
@@ -132,7 +132,9 @@ def apply_single_file_model(
     else:
         options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, updates, options=options)
-    return report  # type: ignore[no-any-return]
+    if not isinstance(report, LoadReport):  # broadcast from rank 0, which always has one
+        raise IncompatibleCheckpointError(f"{source}: no key report arrived from rank 0")
+    return report
 
 
 def apply_legacy_optimizer_state(
@@ -165,7 +167,7 @@ def apply_legacy_optimizer_state(
     # Saved groups may carry keys this optimizer lacks, e.g. "initial_lr", which a scheduler adds:
     # optimizer.load_state_dict would take the saved groups whole, and the name-keyed path below
     # only fills keys the live groups already have, so add the missing ones first.
-    for live_group, saved_group in zip(optimizer.param_groups, saved_groups):
+    for live_group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
         for key, value in saved_group.items():
             if key != "params" and key not in live_group:
                 live_group[key] = value

@@ -75,7 +75,7 @@ def test_in_place_change_outside_the_optimizer_fails_loudly(tmp_path: Path, monk
     ckpt.save("model_0000002", iteration=2)
     with torch.no_grad():
         model.odd.weight.add_(1.0)  # not through the optimizer, no wait_for_snapshot()
-    with pytest.raises(SnapshotModifiedError, match="odd.weight"):
+    with pytest.raises(SnapshotModifiedError, match=r"odd\.weight"):
         ckpt.wait()
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001"
     assert not (tmp_path / "model_0000002" / "manifest.json").exists()

@@ -151,7 +151,7 @@ def test_no_head_loads_backbone_of_an_81_class_checkpoint_into_4_classes(tmp_pat
     Checkpointer(big, save_dir=str(tmp_path), save_to_disk=True).save("model_0000001")
     small = TinyDetector(num_classes=4)
     head_before = small.stm_head.weight.detach().clone()
-    with pytest.raises(IncompatibleCheckpointError, match="stm_head.weight"):
+    with pytest.raises(IncompatibleCheckpointError, match=r"stm_head\.weight"):
         Checkpointer(small, save_dir=str(tmp_path)).load()
     result = Checkpointer(small, save_dir=str(tmp_path)).load(no_head=True)
     assert torch.equal(small.odd.weight, big.odd.weight)
@@ -227,3 +227,11 @@ def test_legacy_file_whose_optimizer_groups_have_extra_keys_loads(tmp_path: Path
     assert fresh_optimizer.param_groups[0]["initial_lr"] == 0.05
     saved = optimizer.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], saved)
+
+
+def test_load_given_the_run_directory_resumes_from_its_tag(tmp_path: Path) -> None:
+    # Regression: load(run_dir) raised IncompleteCheckpointError ("save did not finish").
+    _trained(tmp_path / "run", steps=4)
+    _trained(tmp_path / "run", steps=6)
+    model, optimizer, scheduler = build("single", seed=3)
+    assert Checkpointer(model, optimizer, scheduler).load(str(tmp_path / "run"))["iteration"] == 6

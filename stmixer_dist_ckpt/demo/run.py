@@ -69,7 +69,8 @@ def _rank_entry(rank: int, world_size: int, store_path: str, options: TrainOptio
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank, world_size=world_size)
+        store = dist.FileStore(store_path, world_size)  # type: ignore[attr-defined]
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         summary = train_on_rank(rank, world_size, options)
         if rank == 0:
             with open(os.path.join(options.work_dir, f"result-{options.phase}.json"), "w") as handle:

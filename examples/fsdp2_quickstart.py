@@ -7,6 +7,7 @@ under DDP or a plain model too. On GPUs: "nccl" and init_device_mesh("cuda", ...
 """
 
 import argparse
+import gc
 
 import torch
 import torch.distributed as dist
@@ -40,4 +41,8 @@ for iteration in range(arguments["iteration"], args.max_iter):
     if (iteration + 1) % 5 == 0:
         arguments["iteration"] = iteration + 1
         checkpointer.save(f"model_{iteration + 1:07d}", **arguments)  # collective: every rank calls it
+# Free the wrapped model before its process group: DDP/FSDP objects that outlive the group can
+# abort the interpreter at exit ("terminate called without an active exception").
+del checkpointer, scheduler, optimizer, model
+gc.collect()
 dist.destroy_process_group()

@@ -36,13 +36,11 @@ from torch import nn
 from . import collective
 from .c2_conversion import NUM_BATCHES_TRACKED, open_weight_file
 from .checkpointer import Checkpointer
-from .integrity import VerifyMode
 from .legacy.c2_pickle import load_c2_state_dict
 from .legacy.key_matching import LoadReport
 from .legacy.legacy_file import is_torch_zip, load_legacy_checkpoint
 from .load_result import LoadResult
 from .single_file import apply_single_file_model, read_on_rank0
-from .storage import resolve_location
 
 __all__ = ["ActionCheckpointer", "C2LoadReport", "C2WeightMap"]
 
@@ -228,63 +226,6 @@ class ActionCheckpointer(Checkpointer):
         self.c2_weight_map: C2WeightMap | dict[str, str] = weight_map
 
     # ------------------------------------------------------------------ load
-    def load(
-        self,
-        f: str | None = None,
-        model_weight_only: bool = False,
-        adjust_scheduler: bool = False,
-        no_head: bool = False,
-        *,
-        strict: bool | None = None,
-        verify: bool | str | VerifyMode = True,
-    ) -> LoadResult:
-        """Load a checkpoint directory, an upstream ``.pth`` or a Caffe2 ``.pkl`` (collective).
-
-        Arguments and return value are those of :meth:`Checkpointer.load`. Rank
-        0 alone decides what ``f`` (or the ``last_checkpoint`` tag) names and
-        whether it is a file; for a file, only rank 0 ever opens or stats it, so
-        a path that exists only on rank 0's node loads as well. A ``.pkl``
-        returns ``{}``, or ``{"iteration": 0, "person_pool": MemoryPool()}``
-        with ``model_weight_only``; its report is a :class:`C2LoadReport`.
-        ``verify`` applies to directories only: single files have no manifest
-        to check against.
-
-        Raises:
-            DistributedCheckpointError: rank 0 could not read or convert the
-                file (in a process group; without one the error itself, e.g.
-                ``CheckpointNotFoundError``).
-            IncompatibleCheckpointError: as in :meth:`Checkpointer.load`.
-        """
-        mode = VerifyMode.from_load_argument(verify)  # reject a bad value on every path, not only directories
-        self.wait()
-        group = self.process_group
-        rank = collective.get_rank(group)
-
-        def decide() -> tuple[str, bool] | None:
-            if rank != 0:
-                return None
-            chosen = self._choose_source(f)
-            if not chosen:
-                return "", False
-            location = resolve_location(chosen, self.storage_options)
-            # A .pkl is a file by definition; skipping the stat keeps even metadata calls off shared storage.
-            return location.url, _is_pickle(location.url) or location.isfile()
-
-        decision = collective.run_collectively(decide, what="choosing the checkpoint to load", group=group)
-        chosen, is_file = collective.broadcast_object(decision, 0, group) or ("", False)
-        if not is_file:
-            return super().load(
-                chosen or None, model_weight_only, adjust_scheduler, no_head, strict=strict, verify=verify
-            )
-        if rank == 0:
-            self.logger.info("Loading checkpoint from %s", chosen)
-            if mode is not None:
-                self.logger.info("%s is a single file without a manifest; it cannot be verified", chosen)
-        checkpoint = self._load_file(chosen)
-        return self._apply_single_file(
-            checkpoint, chosen, model_weight_only, adjust_scheduler, no_head, bool(strict)
-        )
-
     def _load_file(self, f: str) -> dict[str, Any]:
         """Read a single file on rank 0: ``.pkl`` here, everything else in the base class."""
         if not _is_pickle(f):

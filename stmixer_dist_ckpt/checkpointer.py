@@ -457,6 +457,7 @@ class Checkpointer:
             IncompatibleCheckpointError: keys do not fit and ``strict`` is set.
             CorruptCheckpointError: ``verify`` found a damaged or missing file.
         """
+        VerifyMode.from_load_argument(verify)  # a bad value fails before any I/O, on every path
         self.wait()
         group = self.process_group
         rank = collective.get_rank(group)

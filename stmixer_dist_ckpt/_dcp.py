@@ -239,10 +239,16 @@ class _SafeMetadataMixin:
     """Reads ``.metadata`` through the restricted unpickler."""
 
     allow_unsafe_pickle: bool = False
+    preloaded_metadata: Metadata | None = None
     fs: Any
     load_id: Any
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.preloaded_metadata is not None:
+            # The caller already read and checked this file (to match keys): parsing it a
+            # second time through the restricted unpickler would double the metadata cost.
+            self.preloaded_metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
+            return self.preloaded_metadata
         path = self._get_metadata_path(kwargs.get("rank"))  # type: ignore[attr-defined]
         with self.fs.create_stream(path, "rb") as stream:
             metadata = safe_pickle_load(
@@ -267,12 +273,13 @@ class _SafeFsspecReader(_SafeMetadataMixin, FsspecReader):  # type: ignore[misc]
     pass
 
 
-def _make_reader(location: StorageLocation, allow_unsafe_pickle: bool) -> Any:
+def _make_reader(location: StorageLocation, allow_unsafe_pickle: bool, metadata: Metadata | None = None) -> Any:
     if location.is_local:
         reader: Any = _SafeFileSystemReader(location.path)
     else:
         reader = _SafeFsspecReader(location.url, **location.storage_options)
     reader.allow_unsafe_pickle = allow_unsafe_pickle
+    reader.preloaded_metadata = metadata
     return reader
 
 
@@ -331,17 +338,20 @@ def read_checkpoint_data(
     *,
     group: ProcessGroup | None = None,
     allow_unsafe_pickle: bool = False,
+    metadata: Metadata | None = None,
 ) -> None:
     """Fill ``template`` in place from the DCP checkpoint at ``location`` (collective).
 
     Tensors in ``template`` (plain or DTensor) decide which slices each rank
     reads, which is what makes loading on another world size work. Non-tensor
-    leaves are replaced by the stored objects.
+    leaves are replaced by the stored objects. ``metadata``, when given, is what
+    :func:`read_checkpoint_metadata` returned for ``location`` on this rank; it
+    saves reading and unpickling the file again.
     """
     with _quiet_single_process(group):
         dcp_load(
             template,
-            storage_reader=_make_reader(location, allow_unsafe_pickle),
+            storage_reader=_make_reader(location, allow_unsafe_pickle, metadata),
             planner=_SafeLoadPlanner(location.url, allow_unsafe_pickle),
             process_group=group,
             no_dist=not is_distributed(group),

@@ -558,7 +558,9 @@ class Checkpointer:
             template["rank_state"] = {own_rank_key: b""}
 
         def read() -> None:
-            read_checkpoint_data(template, data, group=group, allow_unsafe_pickle=self.allow_unsafe_pickle)
+            read_checkpoint_data(
+                template, data, group=group, allow_unsafe_pickle=self.allow_unsafe_pickle, metadata=metadata
+            )
 
         self._read_collectively(read, source)
         apply_model_state(self.model, template["model"])

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any
@@ -62,7 +63,10 @@ def _timed(samples: dict[str, list[float]], key: str, fn: Any) -> Any:
     started = time.perf_counter()
     result = fn()
     dist.barrier()
-    samples.setdefault(key, []).append(time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    samples.setdefault(key, []).append(elapsed)
+    if dist.get_rank() == 0:
+        print(f"  [ws{dist.get_world_size()}] {key}: {elapsed:.3f} s", file=sys.stderr, flush=True)
     return result
 
 
@@ -94,11 +98,18 @@ def _raw_read(path: str) -> int:
             total += len(block)
 
 
+def _rotated(steps: list[tuple[str, Any]], attempt: int) -> list[tuple[str, Any]]:
+    """Run the methods in a different order each repeat: this VM's disk slows down as its write
+    cache fills, so a fixed order would bill the cache's state to whichever method runs last."""
+    shift = attempt % len(steps)
+    return steps[shift:] + steps[:shift]
+
+
 def _rank_body(rank: int, world: int, root: str, size_mb: int, repeats: int) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     from stmixer_dist_ckpt import Checkpointer
 
@@ -106,15 +117,16 @@ def _rank_body(rank: int, world: int, root: str, size_mb: int, repeats: int) -> 
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     samples: dict[str, list[float]] = {}
     chunks = _local_bytes(model)
+    # dcp.async_save's background collectives need their own group: on the default group they
+    # would interleave with this loop's barriers and deadlock (one of the faults issue 7 names).
+    dcp_group = dist.new_group(backend="gloo")
     for attempt in range(repeats):
         base = os.path.join(root, f"ws{world}-{attempt}")
         ours, plain, legacy, raw = (os.path.join(base, name) for name in ("ours", "dcp", "legacy.pth", "raw"))
         if rank == 0:
             os.makedirs(raw, exist_ok=True)
         dist.barrier()
-        ckpt = Checkpointer(model, save_dir=ours, save_to_disk=True)
-        _timed(samples, "save_ours", lambda: ckpt.save("model_0000001"))
-        _timed(samples, "save_dcp", lambda: dcp.save({"model": get_model_state_dict(model)}, storage_writer=dcp.FileSystemWriter(plain, sync_files=True)))
+        raw_file = os.path.join(raw, f"rank{rank}.bin")
 
         def legacy_save() -> None:
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -124,35 +136,39 @@ def _rank_body(rank: int, world: int, root: str, size_mb: int, repeats: int) -> 
                     handle.flush()
                     os.fsync(handle.fileno())
 
-        _timed(samples, "save_torch", legacy_save)
-        raw_file = os.path.join(raw, f"rank{rank}.bin")
-        _timed(samples, "save_raw", lambda: _raw_write(raw_file, chunks))
-
-        _timed(samples, "load_ours", lambda: Checkpointer(model, save_dir=ours).load())
-        _timed(samples, "load_dcp", lambda: dcp.load({"model": get_model_state_dict(model)}, checkpoint_id=plain))
-
         def legacy_load() -> None:
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
             full = torch.load(legacy, weights_only=True, mmap=True)["model"] if rank == 0 else {}
             set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1))
 
-        _timed(samples, "load_torch", legacy_load)
-        _timed(samples, "load_raw", lambda: _raw_read(raw_file))
+        saves = [
+            ("save_ours", lambda: Checkpointer(model, save_dir=ours, save_to_disk=True).save("model_0000001")),
+            ("save_dcp", lambda: dcp.save({"model": get_model_state_dict(model)},
+                                          storage_writer=dcp.FileSystemWriter(plain, sync_files=True))),
+            ("save_torch", legacy_save),
+            ("save_raw", lambda: _raw_write(raw_file, chunks)),
+        ]
+        loads = [
+            ("load_ours", lambda: Checkpointer(model, save_dir=ours).load()),
+            ("load_dcp", lambda: dcp.load({"model": get_model_state_dict(model)}, checkpoint_id=plain)),
+            ("load_torch", legacy_load),
+            ("load_raw", lambda: _raw_read(raw_file)),
+        ]
+        for key, step in _rotated(saves, attempt) + _rotated(loads, attempt):
+            _timed(samples, key, step)
 
-        # async: how long save() blocks, then how long until it is committed
+        # async: how long save() blocks, then how long until it is committed; the sync save of the
+        # same state (model + optimizer) is the reference
         async_ckpt = Checkpointer(model, optimizer, save_dir=ours + "-async", save_to_disk=True, async_save=True)
         _timed(samples, "async_warmup_ours", lambda: (async_ckpt.save("model_0000001"), async_ckpt.wait()))
         _timed(samples, "stall_async_ours", lambda: async_ckpt.save("model_0000002"))
         _timed(samples, "async_total_ours", async_ckpt.wait)
         sync_ckpt = Checkpointer(model, optimizer, save_dir=ours + "-sync", save_to_disk=True)
         _timed(samples, "save_sync_with_optimizer", lambda: sync_ckpt.save("model_0000002"))
-        import torch.distributed.checkpoint as dcp_module
-
         state = {"model": get_model_state_dict(model)}
         future_box: list[Any] = []
         _timed(samples, "stall_async_dcp", lambda: future_box.append(
-            dcp_module.async_save(state, storage_writer=dcp.FileSystemWriter(plain + "-async", sync_files=True))))
+            dcp.async_save(state, storage_writer=dcp.FileSystemWriter(plain + "-async", sync_files=True),
+                           process_group=dcp_group)))
         _timed(samples, "async_total_dcp", lambda: future_box[0].result())
 
         dist.barrier()
@@ -187,11 +203,13 @@ def _small_latency(rank: int, world: int, root: str, repeats: int) -> dict[str, 
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
-def _reshard_save(rank: int, world: int, root: str, size_mb: int) -> None:
+def _save_sharded(rank: int, world: int, root: str, size_mb: int) -> str:
+    """Save the benchmark state once at ``world`` ranks; returns the checkpoint directory."""
     from stmixer_dist_ckpt import Checkpointer
 
     model, _ = _build(size_mb, world)
-    Checkpointer(model, save_dir=os.path.join(root, f"reshard-from-{world}"), save_to_disk=True).save("model_0000001")
+    saved = Checkpointer(model, save_dir=os.path.join(root, f"sharded-from-{world}"), save_to_disk=True).save("model_0000001")
+    return str(saved)
 
 
 def _reshard_load(rank: int, world: int, root: str, size_mb: int, source_world: int, repeats: int) -> float:
@@ -200,8 +218,26 @@ def _reshard_load(rank: int, world: int, root: str, size_mb: int, source_world: 
     model, _ = _build(size_mb, world)
     samples: dict[str, list[float]] = {}
     for _ in range(repeats):
-        _timed(samples, "load", lambda: Checkpointer(model, save_dir=os.path.join(root, f"reshard-from-{source_world}")).load())
+        _timed(samples, "load", lambda: Checkpointer(model, save_dir=os.path.join(root, f"sharded-from-{source_world}")).load())
     return statistics.median(samples["load"])
+
+
+def _consolidation(checkpoint: str, root: str, world: int) -> dict[str, Any]:
+    """Consolidate the ``world``-rank checkpoint three ways, each in a fresh subprocess with a cold
+    page cache (see ``bench_consolidate``): ours, ``dcp_to_torch_save`` and a raw copy of its files."""
+    from pathlib import Path
+
+    from benchmarks.bench_consolidate import MODES, evict, run_child
+
+    data_dir = next(str(path) for path in Path(checkpoint).iterdir() if path.name.startswith("data-"))
+    data_bytes = sum(path.stat().st_size for path in Path(data_dir).iterdir())
+    measured = {}
+    for mode in MODES:
+        print(f"  consolidate ({mode}) the {world}-rank checkpoint", file=sys.stderr, flush=True)
+        measured[mode] = run_child(mode, checkpoint, data_dir, Path(root) / f"consolidated-{mode}.pth", cold=True)
+        os.remove(Path(root) / f"consolidated-{mode}.pth")
+    evict(data_dir)
+    return {"world_size": world, "data_bytes": data_bytes, "methods": measured}
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -223,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         for world in args.world_sizes:
             results["per_world_size"].append(run_ranks(_rank_body, world, root, args.size_mb, args.repeats))
         results["small"] = run_ranks(_small_latency, 1, root, max(3, args.repeats))
-        if 4 in args.world_sizes and 2 in args.world_sizes:
-            run_ranks(_reshard_save, 4, root, args.size_mb)
-            run_ranks(_reshard_save, 2, root, args.size_mb)
+        widest = max(args.world_sizes)
+        reshard = 4 in args.world_sizes and 2 in args.world_sizes
+        checkpoints = {world: run_ranks(_save_sharded, world, root, args.size_mb) for world in sorted({widest, 2, 4} if reshard else {widest})}
+        results["consolidate"] = _consolidation(checkpoints[widest], root, widest)
+        if reshard:
             results["reshard_4_to_2_s"] = run_ranks(_reshard_load, 2, root, args.size_mb, 4, args.repeats)
             results["same_2_to_2_s"] = run_ranks(_reshard_load, 2, root, args.size_mb, 2, args.repeats)
     _print_table(results)
@@ -258,6 +296,13 @@ def _print_table(results: dict[str, Any]) -> None:
         )
     small = results["small"]
     print(f"\n10 MB checkpoint latency: ours {small['small_ours'] * 1e3:.1f} ms, dcp {small['small_dcp'] * 1e3:.1f} ms, torch.save {small['small_torch'] * 1e3:.1f} ms")
+    consolidated = results["consolidate"]
+    print(f"\nconsolidation of the {consolidated['world_size']}-rank checkpoint into one .pth "
+          f"({consolidated['data_bytes'] / 1e6:.0f} MB of data files, cold page cache, fsync included):")
+    for mode, measured in consolidated["methods"].items():
+        print(f"  {mode:<18} {_gbps(consolidated['data_bytes'], measured['seconds']):>6.2f} GB/s   "
+              f"peak RSS above baseline {measured['peak_above_baseline'] / 2**20:>7.1f} MiB "
+              f"({100 * measured['peak_above_baseline'] / consolidated['data_bytes']:.1f}% of the checkpoint)")
     if "reshard_4_to_2_s" in results:
         print(f"resharded load (saved at 4, loaded at 2): {results['reshard_4_to_2_s']:.3f} s vs same topology (2->2): "
               f"{results['same_2_to_2_s']:.3f} s, ratio {results['reshard_4_to_2_s'] / results['same_2_to_2_s']:.2f}")

@@ -18,27 +18,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import _faults, collective
-from ._dcp import (
-    FileDigest,
-    dcp_failure_causes,
-    describe_dcp_failures,
-    read_checkpoint_data,
-    read_checkpoint_metadata,
-    write_checkpoint_data,
-)
 from .async_save import AsyncSaver
-from .commit import build_manifest, new_data_dir_name
-from .errors import CheckpointError, DistributedCheckpointError, IncompatibleCheckpointError, StorageError
+from .commit import new_data_dir_name
 from .integrity import VerifyMode, verify_for_load
 from .layout import (
-    DATA_DIR_PREFIX,
     TAG_FILE,
     CheckpointKind,
     ResolvedCheckpoint,
@@ -50,41 +39,24 @@ from .layout import (
     write_tag,
 )
 from .load_result import LoadResult
-from .manifest import MANIFEST_FILE, write_manifest
+from .manifest import MANIFEST_FILE
 from .memory_pool import MemoryPool
 from .model_state import (
-    apply_model_state,
-    apply_optimizer_state,
     capture_model_state,
-    capture_optimizer_state,
-    check_model_keys,
+    capture_optimizer_state_for_save,
     model_layout,
     sync_ddp_buffers,
 )
 from .rank_state import RankStatePolicy, Stateful, rank_state_key
-from .retention import RetentionPolicy, clean_up_after_commit, discard_failed_write, make_policy
-from .safe_pickle import safe_torch_load
+from .retention import RetentionPolicy, make_policy
 from .scheduler_state import move_scheduler_to
+from .sharded_load import ShardedReader
+from .sharded_save import SaveJob, write_and_commit
 from .single_file import apply_legacy_optimizer_state, apply_single_file_model, load_single_file
 from .storage import StorageLocation, resolve_location
 
 __all__ = ["Checkpointer", "DEFAULT_HEAD_PREFIXES"]
 
-
-@dataclass
-class _SaveJob:
-    """One save between capture and commit; what the write and commit steps need."""
-
-    name: str
-    save_dir: StorageLocation
-    checkpoint_dir: StorageLocation
-    data_dir: StorageLocation
-    layout: str
-    state: dict[str, Any]
-    contents: dict[str, Any]
-    rank: int
-    world_size: int
-    started: float
 
 #: Model key prefixes treated as the classification head by ``no_head``:
 #: AlphAction's ``roi_heads.`` and STMixer's ``stm_head.``.
@@ -236,7 +208,7 @@ class Checkpointer:
         if job is None:
             return None
         if self._async is None:
-            return self._write_and_commit(job, self.process_group)
+            return write_and_commit(job, self.process_group, retention=self.retention, logger=self.logger)
         group = self._async.background_group()
         parameter_names = {name.removeprefix("module.") for name, _ in self.model.named_parameters()}
 
@@ -252,7 +224,7 @@ class Checkpointer:
 
             collective.run_collectively(check, what=f"snapshotting state for {job.checkpoint_dir.url}", group=group)
             job.state = state
-            self._write_and_commit(job, group)
+            write_and_commit(job, group, retention=self.retention, logger=self.logger)
 
         self._async.submit(job.state, copy_now, write)
         return job.checkpoint_dir.url
@@ -274,7 +246,7 @@ class Checkpointer:
         if self._async is not None:
             self._async.wait_for_snapshot()
 
-    def _prepare_save(self, name: str, extra: Mapping[str, Any]) -> _SaveJob | None:
+    def _prepare_save(self, name: str, extra: Mapping[str, Any]) -> SaveJob | None:
         """The synchronous part of a save, on every rank: agree on what to write and capture it.
 
         Returns ``None`` when no rank wants to write (``save_dir`` empty or
@@ -309,7 +281,7 @@ class Checkpointer:
         )
         _faults.hit("save.before_write")
         world_size = collective.get_world_size(group)
-        return _SaveJob(
+        return SaveJob(
             name=chosen_name,
             save_dir=save_dir,
             checkpoint_dir=checkpoint_dir,
@@ -322,76 +294,10 @@ class Checkpointer:
             started=started,
         )
 
-    def _write_and_commit(self, job: _SaveJob, group: Any | None) -> str:
-        """Write every rank's shards, then commit on rank 0 (collective over ``group``).
-
-        Runs on the caller's thread for a synchronous save; an asynchronous save
-        runs it on a background thread over a dedicated process group.
-        """
-        try:
-            digests = write_checkpoint_data(
-                job.state, job.data_dir, group=group, replicated_from_rank0=job.layout == "fsdp2"
-            )
-        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            if job.rank == 0:  # DCP gathered every rank's write outcome: none is still writing
-                discard_failed_write(job.checkpoint_dir, job.data_dir, self.logger)
-            raise DistributedCheckpointError(
-                f"writing {job.data_dir.url} failed; the previous checkpoint and the tag are unchanged",
-                describe_dcp_failures(exc, job.rank),
-            ) from exc
-        _faults.hit("save.after_write")
-        all_digests = collective.all_gather_object(digests, group)
-        collective.run_collectively(
-            lambda: self._commit(job, all_digests) if job.rank == 0 else None,
-            what=f"committing {job.checkpoint_dir.url}",
-            group=group,
-        )
-        if job.rank == 0:
-            # After the commit's collective: every rank is done with this save, so nothing
-            # removed here can still be in use (see stmixer_dist_ckpt.retention).
-            clean_up_after_commit(
-                job.save_dir,
-                committed=job.name,
-                token=job.data_dir.name[len(DATA_DIR_PREFIX) :],
-                policy=self.retention,
-                logger=self.logger,
-            )
-            total = sum(d.size for rank_digests in all_digests for d in rank_digests.values())
-            self.logger.info(
-                "Saved %s: %.1f MB in %.2f s from %d rank(s)",
-                job.checkpoint_dir.url,
-                total / 1e6,
-                time.perf_counter() - job.started,
-                job.world_size,
-            )
-        return job.checkpoint_dir.url
-
-    def _commit(self, job: _SaveJob, all_digests: list[dict[str, FileDigest]]) -> None:
-        """On rank 0, after every rank's data is durable: manifest (the commit), then the tag."""
-        merged: dict[str, FileDigest] = {}
-        for rank_digests in all_digests:
-            merged.update(rank_digests)
-        unseen = sorted(set(merged) - set(job.data_dir.listdir()))
-        if unseen:
-            raise StorageError(
-                f"rank 0 cannot see {unseen} in {job.data_dir.url}, written by other ranks: save_dir must be "
-                "one storage location shared by every node (a shared filesystem or an object store)"
-            )
-        manifest = build_manifest(
-            job.name, job.data_dir.name, merged, world_size=job.world_size, layout=job.layout, contents=job.contents
-        )
-        _faults.hit("save.before_commit")
-        write_manifest(job.checkpoint_dir, manifest)
-        _faults.hit("save.after_commit")
-        write_tag(job.save_dir, job.name)
-        _faults.hit("save.after_tag")
-
     def _capture_state(self, extra: Mapping[str, Any], rank: int) -> dict[str, Any]:
         state: dict[str, Any] = {"model": capture_model_state(self.model)}
         if self.optimizer is not None:
-            state["optimizer"] = capture_optimizer_state(self.model, self.optimizer)
+            state["optimizer"] = capture_optimizer_state_for_save(self.model, self.optimizer)
         # Objects are stored once, from rank 0, pre-serialized so DCP treats each as one
         # opaque item instead of flattening user dicts into keys.
         if rank == 0:
@@ -496,7 +402,26 @@ class Checkpointer:
             return self._apply_single_file(
                 checkpoint, location.url, model_weight_only, adjust_scheduler, no_head, bool(strict)
             )
-        return self._load_sharded(resolved, model_weight_only, adjust_scheduler, no_head, strict is not False)
+        reader = ShardedReader(
+            model=self.model,
+            optimizer=self.optimizer,
+            head_prefixes=self.head_prefixes,
+            rank_states=self.rank_states,
+            rank_state_policy=self.rank_state_policy,
+            process_group=group,
+            allow_unsafe_pickle=self.allow_unsafe_pickle,
+            logger=self.logger,
+        )
+        contents = reader.read(
+            resolved,
+            model_weight_only=model_weight_only,
+            want_scheduler=self.scheduler is not None,
+            no_head=no_head,
+            strict=strict is not False,
+        )
+        if contents.scheduler_state is not None:
+            self._restore_scheduler(contents.scheduler_state, adjust_scheduler, location.url)
+        return self._finish(contents.extras, model_weight_only, contents.report)
 
     def resume_or_load(self, path: str | None, *, resume: bool = True) -> LoadResult:
         """fvcore's split: resume everything from the tag if asked and one exists, else load ``path``'s weights only."""
@@ -518,112 +443,6 @@ class Checkpointer:
         target = choose_resume_checkpoint(save_dir)  # skips a broken tag target, with a warning
         return target.url if target is not None else ""
 
-    def _load_sharded(
-        self, resolved: ResolvedCheckpoint, model_weight_only: bool, adjust_scheduler: bool, no_head: bool, strict: bool
-    ) -> LoadResult:
-        group = self.process_group
-        source = resolved.location.url
-        data = resolved.data
-        if data is None:  # resolve_checkpoint gives data for every directory kind
-            raise CheckpointError(f"{source} has no data directory")
-        metadata = collective.run_collectively(
-            lambda: read_checkpoint_metadata(data, allow_unsafe_pickle=self.allow_unsafe_pickle),
-            what=f"reading metadata of {source}",
-            group=group,
-        )
-        stored = metadata.state_dict_metadata
-        model_state = capture_model_state(self.model)
-        report = collective.run_collectively(
-            lambda: check_model_keys(
-                model_state, stored, head_prefixes=self.head_prefixes, skip_head=no_head, strict=strict, source=source
-            ),
-            what=f"matching keys of {source}",
-            group=group,
-        )
-        template: dict[str, Any] = {"model": {key: model_state[key] for key in report.loaded}}
-        load_optimizer = self.optimizer is not None and not model_weight_only and any(k.startswith("optimizer.") for k in stored)
-        if load_optimizer and self.optimizer is not None:
-            optimizer_state = capture_optimizer_state(self.model, self.optimizer)
-            skipped = set(report.head_skipped) | set(report.wrong_shape) | set(report.missing)
-            optimizer_state["state"] = {k: v for k, v in optimizer_state["state"].items() if k not in skipped}
-            self._check_optimizer_keys(optimizer_state, stored, source)
-            template["optimizer"] = optimizer_state
-        load_scheduler = self.scheduler is not None and not model_weight_only and "scheduler" in stored
-        if load_scheduler:
-            template["scheduler"] = b""
-        extra_names = [key[len("extra.") :] for key in stored if key.startswith("extra.")]
-        template["extra"] = dict.fromkeys(extra_names, b"")
-        own_rank_key = self._rank_state_to_read(resolved, stored)
-        if own_rank_key is not None:
-            template["rank_state"] = {own_rank_key: b""}
-
-        def read() -> None:
-            read_checkpoint_data(
-                template, data, group=group, allow_unsafe_pickle=self.allow_unsafe_pickle, metadata=metadata
-            )
-
-        self._read_collectively(read, source)
-        apply_model_state(self.model, template["model"])
-        if load_optimizer and self.optimizer is not None:
-            apply_optimizer_state(self.model, self.optimizer, template["optimizer"])
-            self.logger.info("Loaded optimizer from %s", source)
-        if load_scheduler:
-            scheduler_state = self._unpack(template["scheduler"], f"{source} [scheduler]")
-            self._restore_scheduler(scheduler_state, adjust_scheduler, source)
-        if own_rank_key is not None:
-            saved = self._unpack(template["rank_state"][own_rank_key], f"{source} [rank_state.{own_rank_key}]")
-            for name, obj in self.rank_states.items():
-                if name in saved:
-                    obj.load_state_dict(saved[name])
-        extras = {name: self._unpack(blob, f"{source} [extra.{name}]") for name, blob in template["extra"].items()}
-        return self._finish(extras, model_weight_only, report)
-
-    def _read_collectively(self, read: Any, source: str) -> None:
-        try:
-            read()
-        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            causes = dcp_failure_causes(exc)
-            if causes and all(isinstance(cause, CheckpointError) for cause in causes):
-                raise causes[0] from exc  # e.g. UnsafeCheckpointError: keep its type for callers
-            if not causes and isinstance(exc, Exception):
-                raise
-            rank = collective.get_rank(self.process_group)
-            raise DistributedCheckpointError(f"reading {source} failed", describe_dcp_failures(exc, rank)) from exc
-
-    def _check_optimizer_keys(self, optimizer_state: dict[str, Any], stored: Mapping[str, Any], source: str) -> None:
-        missing = [
-            f"{fqn}.{name}"
-            for fqn, entries in optimizer_state["state"].items()
-            for name, value in entries.items()
-            if isinstance(value, torch.Tensor) and f"optimizer.state.{fqn}.{name}" not in stored
-        ]
-        if missing:
-            raise IncompatibleCheckpointError(
-                f"{source} has no optimizer state for {len(missing)} entries, e.g. {missing[:5]}; it was saved with "
-                "another optimizer type or parameter set. Load with model_weight_only=True to start the optimizer fresh."
-            )
-
-    def _rank_state_to_read(self, resolved: ResolvedCheckpoint, stored: Mapping[str, Any]) -> str | None:
-        if not self.rank_states:
-            return None
-        saved_world = sorted(key for key in stored if key.startswith("rank_state."))
-        if not saved_world:
-            self.logger.warning("%s holds no per-rank state; rank_states keep their current values", resolved.location.url)
-            return None
-        world_size = collective.get_world_size(self.process_group)
-        if len(saved_world) != world_size:
-            message = (
-                f"{resolved.location.url} holds per-rank state of {len(saved_world)} rank(s) but this job has "
-                f"{world_size}; per-rank state ({sorted(self.rank_states)}) cannot be mapped onto other ranks"
-            )
-            if self.rank_state_policy is RankStatePolicy.ERROR:
-                raise IncompatibleCheckpointError(message + " (rank_state_policy='error')")
-            self.logger.warning("%s; keeping every rank's current per-rank state (rank_state_policy='skip')", message)
-            return None
-        return rank_state_key(collective.get_rank(self.process_group))
-
     def _restore_scheduler(self, scheduler_state: Any, adjust_scheduler: bool, source: str) -> None:
         if self.scheduler is None:
             return
@@ -634,11 +453,6 @@ class Checkpointer:
         else:
             self.logger.info("Loading scheduler from %s", source)
             self.scheduler.load_state_dict(scheduler_state)
-
-    def _unpack(self, blob: Any, source: str) -> Any:
-        if not isinstance(blob, (bytes, bytearray)):
-            return blob
-        return safe_torch_load(bytes(blob), source=source, allow_unsafe_pickle=self.allow_unsafe_pickle)
 
     def _finish(self, extras: dict[str, Any], model_weight_only: bool, report: Any) -> LoadResult:
         if model_weight_only:
@@ -695,8 +509,3 @@ def _is_run_directory(location: StorageLocation) -> bool:
         return False
     names = set(location.listdir())
     return TAG_FILE in names and MANIFEST_FILE not in names and ".metadata" not in names
-
-
-
-
-__all__ += ["TAG_FILE"]

@@ -35,6 +35,7 @@ __all__ = [
     "capture_model_state",
     "sync_ddp_buffers",
     "capture_optimizer_state",
+    "capture_optimizer_state_for_save",
     "apply_model_state",
     "apply_optimizer_state",
     "check_model_keys",
@@ -78,7 +79,28 @@ def capture_model_state(model: nn.Module) -> dict[str, Any]:
 
 
 def capture_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name (the load template; materializes lazy state)."""
     return get_optimizer_state_dict(model, optimizer)
+
+
+def capture_optimizer_state_for_save(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state to save, leaving an optimizer that has not stepped yet exactly as it was.
+
+    DCP materializes the lazy state of such an optimizer by running ``step()``
+    with zero gradients and lr 0 (pytorch/pytorch#164929). Parameters stay put,
+    but Adam's step counter moves to 1, so a checkpoint taken before the first
+    step (an initial save, a save right after loading weights only) would change
+    every later update. For that optimizer this returns its ``param_groups`` with
+    an empty ``state``, as ``optimizer.state_dict()`` of a fresh optimizer is, and
+    drops what DCP materialized; loading such a checkpoint leaves the optimizer
+    unstarted too (see :mod:`stmixer_dist_ckpt.sharded_load`).
+    """
+    unstarted = not optimizer.state
+    state = get_optimizer_state_dict(model, optimizer)
+    if unstarted:
+        optimizer.state.clear()
+        state = {"state": {}, "param_groups": state["param_groups"]}
+    return state
 
 
 def apply_model_state(model: nn.Module, state: dict[str, Any]) -> None:

@@ -133,21 +133,17 @@ def test_async_ddp_round_trip_while_training_continues(tmp_path: Path) -> None:
 
 
 def _background_failure(rank: int, world: int, save_dir: str) -> str:
-    import stmixer_dist_ckpt.checkpointer as module
+    from stmixer_dist_ckpt._faults import ENV_VAR
 
     model, optimizer, scheduler = build("ddp")
     ckpt = Checkpointer(model, optimizer, scheduler, save_dir, save_to_disk=True, async_save=True)
-    if rank == 0:
-        def broken(*args: Any, **kwargs: Any) -> None:
-            raise OSError("object store refused the manifest")
-
-        module.write_manifest = broken  # type: ignore[assignment]
+    os.environ[ENV_VAR] = "save.before_commit@0:raise"  # rank 0's manifest write fails, in the background
     ckpt.save("model_0000001", iteration=1)
     train_steps(model, optimizer, scheduler, 0, 1)
     try:
         ckpt.save("model_0000002", iteration=2)  # the next call raises the background failure
     except DistributedCheckpointError as exc:
-        assert "object store refused the manifest" in str(exc)
+        assert "injected fault at save.before_commit" in str(exc)
         return "raised"
     return "not raised"
 

@@ -18,7 +18,7 @@ from stmixer_dist_ckpt import (
     MemoryPool,
 )
 
-from ._models import TinyDetector, build, full_state, train_steps
+from ._models import TinyDetector, assert_states_equal, build, full_state, train_steps
 
 
 def _trained(save_dir: Path, steps: int = 4, **extra: object) -> tuple[Checkpointer, str]:
@@ -67,15 +67,13 @@ def test_legacy_tag_with_a_path_is_read(tmp_path: Path, form: str, monkeypatch: 
 def test_tag_is_written_only_after_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     _trained(run, steps=4)
-    import stmixer_dist_ckpt.checkpointer as module
+    from stmixer_dist_ckpt._faults import ENV_VAR
 
-    def broken_manifest(*args: object, **kwargs: object) -> None:
-        raise OSError("disk went away while committing")
-
-    monkeypatch.setattr(module, "write_manifest", broken_manifest)
+    monkeypatch.setenv(ENV_VAR, "save.before_commit:raise")  # the manifest write fails
     model, optimizer, scheduler = build("single")
-    with pytest.raises(OSError, match="disk went away"):
+    with pytest.raises(OSError, match="injected fault at save.before_commit"):
         Checkpointer(model, optimizer, scheduler, str(run), save_to_disk=True).save("model_0000008", iteration=8)
+    monkeypatch.delenv(ENV_VAR)
     assert (run / "last_checkpoint").read_text() == "model_0000004"
     with pytest.raises(IncompleteCheckpointError, match="incomplete checkpoint"):
         Checkpointer(model, optimizer, scheduler, str(run)).load(str(run / "model_0000008"))
@@ -235,3 +233,36 @@ def test_load_given_the_run_directory_resumes_from_its_tag(tmp_path: Path) -> No
     _trained(tmp_path / "run", steps=6)
     model, optimizer, scheduler = build("single", seed=3)
     assert Checkpointer(model, optimizer, scheduler).load(str(tmp_path / "run"))["iteration"] == 6
+
+
+def _trained_from_scratch(steps: int) -> dict[str, object]:
+    model, optimizer, scheduler = build("single")
+    train_steps(model, optimizer, scheduler, 0, steps)
+    return full_state(model, optimizer)
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_saving_before_the_first_step_does_not_change_training(tmp_path: Path, async_save: bool) -> None:
+    # DCP's state capture runs an lr-0 step on a never-stepped optimizer, which moved
+    # AdamW's step counter to 1 and so changed every later update (pytorch#164929).
+    model, optimizer, scheduler = build("single")
+    ckpt = Checkpointer(model, optimizer, scheduler, str(tmp_path), save_to_disk=True, async_save=async_save)
+    ckpt.save("model_0000000", iteration=0)
+    ckpt.wait()
+    assert not optimizer.state, "the save materialized optimizer state"
+    train_steps(model, optimizer, scheduler, 0, 3)
+    assert_states_equal(full_state(model, optimizer), _trained_from_scratch(3))
+
+
+def test_resuming_a_checkpoint_saved_before_the_first_step_trains_like_a_fresh_start(tmp_path: Path) -> None:
+    model, optimizer, scheduler = build("single")
+    Checkpointer(model, optimizer, scheduler, str(tmp_path), save_to_disk=True).save("model_0000000", iteration=0)
+
+    resumed, resumed_optimizer, resumed_scheduler = build("single", seed=5)
+    for group in resumed_optimizer.param_groups:
+        group["lr"] = 123.0  # the saved param_groups must still be loaded
+    train_steps(resumed, resumed_optimizer, resumed_scheduler, 0, 1)  # a started optimizer, to be reset
+    assert Checkpointer(resumed, resumed_optimizer, resumed_scheduler, str(tmp_path)).load()["iteration"] == 0
+    assert not resumed_optimizer.state
+    train_steps(resumed, resumed_optimizer, resumed_scheduler, 0, 3)
+    assert_states_equal(full_state(resumed, resumed_optimizer), _trained_from_scratch(3))

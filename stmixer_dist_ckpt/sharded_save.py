@@ -1,0 +1,116 @@
+"""The write-and-commit half of a sharded save, shared by synchronous and asynchronous saves.
+
+:class:`~stmixer_dist_ckpt.checkpointer.Checkpointer` captures the state on the
+caller's thread (:class:`SaveJob`); :func:`write_and_commit` then writes every
+rank's shards and commits on rank 0. A synchronous save calls it directly; an
+asynchronous one calls it from a background thread over a dedicated process
+group, which is why nothing here touches the checkpointer or the live model.
+
+The order is what makes a save crash-safe: data files (fsynced, hashed while
+written) → every rank reports its digests → rank 0 checks it can see every
+file → ``manifest.json`` (the commit) → ``last_checkpoint`` → retention.
+A failure before the manifest leaves the previous checkpoint and tag untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import _faults, collective
+from ._dcp import FileDigest, describe_dcp_failures, write_checkpoint_data
+from .commit import build_manifest
+from .errors import DistributedCheckpointError, StorageError
+from .layout import DATA_DIR_PREFIX, write_tag
+from .manifest import write_manifest
+from .retention import RetentionPolicy, clean_up_after_commit, discard_failed_write
+from .storage import StorageLocation
+
+__all__ = ["SaveJob", "write_and_commit"]
+
+
+@dataclass
+class SaveJob:
+    """One save between capture and commit: what the write and commit steps need."""
+
+    name: str
+    save_dir: StorageLocation
+    checkpoint_dir: StorageLocation
+    data_dir: StorageLocation
+    layout: str
+    state: dict[str, Any]
+    contents: dict[str, Any]
+    rank: int
+    world_size: int
+    started: float
+
+
+def write_and_commit(
+    job: SaveJob, group: Any | None, *, retention: RetentionPolicy, logger: logging.Logger
+) -> str:
+    """Write every rank's shards, then commit on rank 0 (collective over ``group``); returns the checkpoint URL.
+
+    Raises:
+        DistributedCheckpointError: a rank failed to write or rank 0 failed to
+            commit; raised on every rank, with every failed rank's traceback.
+    """
+    try:
+        digests = write_checkpoint_data(job.state, job.data_dir, group=group, replicated_from_rank0=job.layout == "fsdp2")
+    except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        if job.rank == 0:  # DCP gathered every rank's write outcome: none is still writing
+            discard_failed_write(job.checkpoint_dir, job.data_dir, logger)
+        raise DistributedCheckpointError(
+            f"writing {job.data_dir.url} failed; the previous checkpoint and the tag are unchanged",
+            describe_dcp_failures(exc, job.rank),
+        ) from exc
+    _faults.hit("save.after_write")
+    all_digests = collective.all_gather_object(digests, group)
+    collective.run_collectively(
+        lambda: _commit(job, all_digests) if job.rank == 0 else None,
+        what=f"committing {job.checkpoint_dir.url}",
+        group=group,
+    )
+    if job.rank == 0:
+        # After the commit's collective: every rank is done with this save, so nothing
+        # removed here can still be in use (see stmixer_dist_ckpt.retention).
+        clean_up_after_commit(
+            job.save_dir,
+            committed=job.name,
+            token=job.data_dir.name[len(DATA_DIR_PREFIX) :],
+            policy=retention,
+            logger=logger,
+        )
+        total = sum(d.size for rank_digests in all_digests for d in rank_digests.values())
+        logger.info(
+            "Saved %s: %.1f MB in %.2f s from %d rank(s)",
+            job.checkpoint_dir.url,
+            total / 1e6,
+            time.perf_counter() - job.started,
+            job.world_size,
+        )
+    return job.checkpoint_dir.url
+
+
+def _commit(job: SaveJob, all_digests: list[dict[str, FileDigest]]) -> None:
+    """On rank 0, after every rank's data is durable: manifest (the commit), then the tag."""
+    merged: dict[str, FileDigest] = {}
+    for rank_digests in all_digests:
+        merged.update(rank_digests)
+    unseen = sorted(set(merged) - set(job.data_dir.listdir()))
+    if unseen:
+        raise StorageError(
+            f"rank 0 cannot see {unseen} in {job.data_dir.url}, written by other ranks: save_dir must be "
+            "one storage location shared by every node (a shared filesystem or an object store)"
+        )
+    manifest = build_manifest(
+        job.name, job.data_dir.name, merged, world_size=job.world_size, layout=job.layout, contents=job.contents
+    )
+    _faults.hit("save.before_commit")
+    write_manifest(job.checkpoint_dir, manifest)
+    _faults.hit("save.after_commit")
+    write_tag(job.save_dir, job.name)
+    _faults.hit("save.after_tag")

@@ -11,14 +11,20 @@ its shard) it reports, in GB/s of state bytes:
   + ``torch.save`` + fsync) vs raw sequential writes of the same bytes with
   fsync, one file per rank (the physical limit);
 * load: ours vs ``dcp.load`` vs ``torch.load`` of the gathered file vs raw reads;
-* async: the time ``save()`` blocks with ``async_save=True`` vs a sync save,
-  and ``dcp.async_save``'s blocking time;
+* async: the time ``save()`` blocks with ``async_save=True`` vs a sync save
+  of the same state (model + SGD momentum, twice the model bytes), and
+  ``dcp.async_save``'s blocking time for that state;
 * small checkpoints: latency of a 10 MB save, ours vs DCP vs torch.save;
+* consolidation of the widest world size's checkpoint into one ``.pth``: ours
+  vs ``dcp_to_torch_save`` vs a raw copy of the files, GB/s and peak RSS
+  (each in a fresh subprocess, cold page cache; see ``bench_consolidate``);
 * resharding: load time of a checkpoint saved at 4 ranks, loaded at 2, vs
-  saved and loaded at 2.
+  saved and loaded at 2 (when both 2 and 4 are among ``--world-sizes``).
 
-Loads read right after the writes, so they come from the page cache where
-RAM allows; the ratios, not the absolute numbers, are what we track.
+Every time is the slowest rank's, from a common barrier. The methods run in a
+rotated order each repeat and the median is reported. Loads read right after
+the writes, so they come from the page cache where RAM allows; the ratios, not
+the absolute numbers, are what we track.
 """
 
 from __future__ import annotations
@@ -52,18 +58,31 @@ def _build(size_mb: int, world: int) -> Any:
         for layer in model:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    # One real step, so the optimizer holds its momentum buffers as it does during training
+    # (a never-stepped optimizer would make every state capture materialize them first).
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad()
     return model, optimizer
 
 
 def _timed(samples: dict[str, list[float]], key: str, fn: Any) -> Any:
+    import torch
     import torch.distributed as dist
 
+    if dist.get_rank() == 0:
+        os.sync()  # start from no dirty pages: earlier steps' writeback must not bill this one
     dist.barrier()
     started = time.perf_counter()
     result = fn()
-    dist.barrier()
-    elapsed = time.perf_counter() - started
+    # The slowest rank's own time: a trailing barrier would add the wait for the other
+    # ranks' scheduling (4 ranks share 2 cores here) and, for an async save, the
+    # background writer's competition for the CPU, to a number meant to be "save() blocked".
+    slowest = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    elapsed = float(slowest.item())
     samples.setdefault(key, []).append(elapsed)
     if dist.get_rank() == 0:
         print(f"  [ws{dist.get_world_size()}] {key}: {elapsed:.3f} s", file=sys.stderr, flush=True)
@@ -109,7 +128,12 @@ def _rank_body(rank: int, world: int, root: str, size_mb: int, repeats: int) -> 
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+    )
 
     from stmixer_dist_ckpt import Checkpointer
 
@@ -164,7 +188,8 @@ def _rank_body(rank: int, world: int, root: str, size_mb: int, repeats: int) -> 
         _timed(samples, "async_total_ours", async_ckpt.wait)
         sync_ckpt = Checkpointer(model, optimizer, save_dir=ours + "-sync", save_to_disk=True)
         _timed(samples, "save_sync_with_optimizer", lambda: sync_ckpt.save("model_0000002"))
-        state = {"model": get_model_state_dict(model)}
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}  # what the async Checkpointer saves
         future_box: list[Any] = []
         _timed(samples, "stall_async_dcp", lambda: future_box.append(
             dcp.async_save(state, storage_writer=dcp.FileSystemWriter(plain + "-async", sync_files=True),
@@ -248,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=1024, help="state size (default: %(default)s)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method, in rotated order; the median is reported")
     parser.add_argument("--dir", default=None, help="directory to benchmark in (default: a temp dir)")
     parser.add_argument("--json", default="bench_output/suite.json")
     parser.add_argument("--plot", default="bench_output/suite.png")

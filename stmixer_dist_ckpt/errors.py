@@ -45,7 +45,16 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """Deserializing the file would need a class that is not on the allow list."""
+    """Deserializing the file would need a class that is not on the allow list.
+
+    Attributes:
+        global_name: the refused ``module.name``, when one global was refused
+            (tools such as ``inspect`` show it without the full message).
+    """
+
+    def __init__(self, message: str, *, global_name: str | None = None) -> None:
+        super().__init__(message)
+        self.global_name = global_name
 
 
 class StorageError(CheckpointError, OSError):

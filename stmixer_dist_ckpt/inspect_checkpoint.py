@@ -22,7 +22,7 @@ import torch
 
 from ._dcp_index import StoredItem
 from ._dcp_items import DcpItemReader, resolve_checkpoint_or_tag
-from .errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError, UnsafeCheckpointError
 from .layout import DATA_DIR_PREFIX, TAG_FILE, CheckpointKind, read_tag, resolve_checkpoint, resolve_tag
 from .legacy.legacy_file import is_torch_zip
 from .safe_pickle import safe_torch_load
@@ -86,8 +86,11 @@ class CheckpointInfo:
 
 
 def _preview(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return _preview_text(repr(value), 80)
+
+
+def _preview_text(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _dcp_entry(reader: DcpItemReader, item: StoredItem, packed: bool) -> EntryInfo:
@@ -101,8 +104,11 @@ def _dcp_entry(reader: DcpItemReader, item: StoredItem, packed: bool) -> EntryIn
             if packed and isinstance(value, (bytes, bytearray)):
                 value = safe_torch_load(bytes(value), source=f"{reader.source} [{item.key}]")
             preview = _preview(value)
-        except CheckpointError as exc:  # e.g. a class not on the allow list: say so instead of failing
-            preview = f"<not shown: {str(exc).splitlines()[0][:60]}...>"
+        except UnsafeCheckpointError as exc:  # a class not on the allow list: say which, instead of failing
+            needs = exc.global_name or "a global that is not allowed"
+            preview = f"<not shown: needs {needs}, not on the safe-load allow list; --allow-unsafe-pickle shows it>"
+        except CheckpointError as exc:
+            preview = f"<not shown: {_preview_text(str(exc).splitlines()[0])}>"
     return EntryInfo(key=item.key, kind="object", nbytes=item.nbytes, preview=preview)
 
 

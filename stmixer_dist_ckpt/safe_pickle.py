@@ -167,7 +167,8 @@ def _refusal(source: str, global_name: str) -> UnsafeCheckpointError:
         f"{source}: refusing to unpickle {global_name!r}: it is not on the safe-load allow list, and "
         "loading it could run arbitrary code. If you trust this class, call "
         f"stmixer_dist_ckpt.register_safe_class(<the class>) (name={global_name!r} if it moved) before "
-        "loading; if you trust the whole file, pass allow_unsafe_pickle=True."
+        "loading; if you trust the whole file, pass allow_unsafe_pickle=True.",
+        global_name=global_name,
     )
 
 

@@ -71,7 +71,7 @@ def test_tag_is_written_only_after_commit(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setenv(ENV_VAR, "save.before_commit:raise")  # the manifest write fails
     model, optimizer, scheduler = build("single")
-    with pytest.raises(OSError, match="injected fault at save.before_commit"):
+    with pytest.raises(OSError, match=r"injected fault at save\.before_commit"):
         Checkpointer(model, optimizer, scheduler, str(run), save_to_disk=True).save("model_0000008", iteration=8)
     monkeypatch.delenv(ENV_VAR)
     assert (run / "last_checkpoint").read_text() == "model_0000004"

@@ -377,6 +377,7 @@ def test_poisoned_extra_is_refused(run: Path, tmp_path: Path, marker: Path, kind
     assert "stats" not in torch.load(tmp_path / "drop.pth", weights_only=True)
     entry = next(e for e in inspect_checkpoint(str(run)).entries if e.key == "extra.stats")
     assert entry.preview is not None and entry.preview.startswith("<not shown: ")
+    assert f"needs {global_name}" in entry.preview, entry.preview  # the class, not a cut-off sentence
 
 
 def test_poisoned_bytes_item_of_a_plain_dcp_directory_is_refused(tmp_path: Path, marker: Path) -> None:

@@ -25,7 +25,7 @@ def test_suite_reports_every_measurement_with_its_baseline(tmp_path: Path) -> No
     report = json.loads(out.read_text())
     expected = {
         "save_ours", "save_dcp", "save_torch", "save_raw", "load_ours", "load_dcp", "load_torch", "load_raw",
-        "stall_async_ours", "async_total_ours", "save_sync_with_optimizer", "stall_async_dcp", "async_total_dcp",
+        "stall_async_ours", "snapshot_copy_ours", "async_total_ours", "save_sync_with_optimizer", "stall_async_dcp", "async_total_dcp",
     }
     assert [row["world_size"] for row in report["per_world_size"]] == [2]
     for row in report["per_world_size"]:

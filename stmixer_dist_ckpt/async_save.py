@@ -19,6 +19,7 @@ At most one save is in flight: the next one waits for it first.
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from . import collective
 from .snapshot import Snapshot, StagingArea
 
 __all__ = ["AsyncSaver"]
+
+_logger = logging.getLogger(__name__)
 
 
 class AsyncSaver:
@@ -45,6 +48,7 @@ class AsyncSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._snapshot: Snapshot | None = None
+        self._description = ""
         self._group: Any | None = None
         self._group_ready = False
         self._hook_handle: Any | None = None
@@ -73,6 +77,7 @@ class AsyncSaver:
         state: dict[str, Any],
         copy_now: Callable[[tuple[Any, ...]], bool],
         write: Callable[[dict[str, Any], BaseException | None], Any],
+        description: str = "",
     ) -> None:
         """Snapshot ``state`` and run ``write(snapshot_state, staging_failure)`` in the background.
 
@@ -81,8 +86,10 @@ class AsyncSaver:
         ranks on the failure instead of leaving them blocked.
 
         Call :meth:`wait` first; this does not wait itself so the caller decides
-        where a previous failure surfaces.
+        where a previous failure surfaces. ``description`` (the checkpoint's
+        location) names the save in the report of a failure at interpreter exit.
         """
+        self._description = description
         snapshot = Snapshot(state, self._staging, copy_now=copy_now if self._optimizer is not None else (lambda p: True))
         self._snapshot = snapshot
 
@@ -126,6 +133,21 @@ class AsyncSaver:
 
 
 def _wait_at_exit(ref: weakref.ReferenceType[AsyncSaver]) -> None:
+    """Let a save still in flight finish before the interpreter tears down; report its failure.
+
+    At exit no later ``save()`` or ``wait()`` is left to raise a background
+    failure, so it is logged instead: a silently missing last checkpoint is the
+    worst way to find out after a preemption.
+    """
     saver = ref()
-    if saver is not None and saver._thread is not None:
-        saver._thread.join()
+    if saver is None or saver._thread is None:
+        return
+    try:
+        saver.wait()
+    except BaseException as exc:
+        _logger.error(
+            "the asynchronous save of %s, still in flight at interpreter exit, failed; that checkpoint "
+            "was not committed and the tag still names the previous one: %s",
+            saver._description or "a checkpoint",
+            exc,
+        )

@@ -226,7 +226,7 @@ class Checkpointer:
             job.state = state
             write_and_commit(job, group, retention=self.retention, logger=self.logger)
 
-        self._async.submit(job.state, copy_now, write)
+        self._async.submit(job.state, copy_now, write, description=job.checkpoint_dir.url)
         return job.checkpoint_dir.url
 
     def wait(self) -> None:

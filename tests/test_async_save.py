@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,22 @@ def _fresh_load(save_dir: str, parallel: str = "single") -> tuple[dict[str, Any]
     model, optimizer, scheduler = build(parallel, seed=99)
     extras = Checkpointer(model, optimizer, scheduler, save_dir).load()
     return full_state(model, optimizer), dict(extras)
+
+
+def _delay_staging(seconds: float, patch: Callable[[Any, str, Any], None] = setattr) -> None:
+    """Hold every snapshot copy back, so the code under test runs while the save still reads live tensors.
+
+    ``patch`` is ``monkeypatch.setattr`` in the test process; spawned ranks use plain ``setattr``.
+    """
+    import stmixer_dist_ckpt.snapshot as snapshot_module
+
+    original_stage = snapshot_module.Snapshot.stage
+
+    def slow_stage(self: Any) -> None:
+        time.sleep(seconds)
+        original_stage(self)
+
+    patch(snapshot_module.Snapshot, "stage", slow_stage)
 
 
 def test_training_right_after_save_does_not_change_what_is_written(tmp_path: Path) -> None:
@@ -59,19 +76,11 @@ def test_back_to_back_saves_commit_in_order(tmp_path: Path) -> None:
 
 
 def test_in_place_change_outside_the_optimizer_fails_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stmixer_dist_ckpt.snapshot as snapshot_module
-
     model, optimizer, scheduler = build("single")
     ckpt = Checkpointer(model, optimizer, scheduler, str(tmp_path), save_to_disk=True, async_save=True)
     ckpt.save("model_0000001", iteration=1)
     ckpt.wait()
-    original_stage = snapshot_module.Snapshot.stage
-
-    def slow_stage(self: Any) -> None:
-        time.sleep(0.5)  # keep the copy pending while the test modifies a parameter
-        original_stage(self)
-
-    monkeypatch.setattr(snapshot_module.Snapshot, "stage", slow_stage)
+    _delay_staging(0.5, monkeypatch.setattr)  # keep the copy pending while the test modifies a parameter
     ckpt.save("model_0000002", iteration=2)
     with torch.no_grad():
         model.odd.weight.add_(1.0)  # not through the optimizer, no wait_for_snapshot()
@@ -183,3 +192,99 @@ def test_kill_during_async_write_leaves_the_previous_checkpoint(tmp_path: Path) 
     assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_0000001"
     _, extras = _fresh_load(save_dir)
     assert extras["iteration"] == 1
+
+
+def test_load_right_after_an_async_save_reads_the_new_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer, scheduler = build("single")
+    ckpt = Checkpointer(model, optimizer, scheduler, str(tmp_path), save_to_disk=True, async_save=True)
+    ckpt.save("model_0000001", iteration=1)
+    ckpt.wait()
+    _delay_staging(0.5, monkeypatch.setattr)
+    train_steps(model, optimizer, scheduler, 0, 2)
+    expected = full_state(model, optimizer)
+    ckpt.save("model_0000002", iteration=2)
+    extras = ckpt.load()  # from the tag: must wait for the save in flight, not read model_0000001
+    assert extras["iteration"] == 2
+    assert torch.equal(full_state(model, optimizer)["model"]["odd.weight"], expected["model"]["odd.weight"])
+
+
+def _async_fsdp2_train_through_save(rank: int, world: int, save_dir: str) -> dict[str, Any]:
+    _delay_staging(0.5)  # the forward, backward and step below all start before the copy
+    model, optimizer, scheduler = build("fsdp2")
+    # BatchNorm statistics are per rank under FSDP2 (each sees its own half batch); eval mode keeps
+    # them equal, so every rank's expected state is the one the checkpoint must hold.
+    model.eval()
+    ckpt = Checkpointer(model, optimizer, scheduler, save_dir, save_to_disk=rank == 0, async_save=True)
+    train_steps(model, optimizer, scheduler, 0, 2)
+    expected = full_state(model, optimizer)
+    ckpt.save("model_0000002", iteration=2)
+    train_steps(model, optimizer, scheduler, 2, 2)  # FSDP2 all-gathers and reshards during the pending copy
+    ckpt.wait()
+    assert not torch.equal(full_state(model, optimizer)["model"]["odd.weight"], expected["model"]["odd.weight"])
+    return expected
+
+
+def _load_on_ddp(rank: int, world: int, save_dir: str) -> dict[str, Any]:
+    model, optimizer, scheduler = build("ddp", seed=7)
+    extras = Checkpointer(model, optimizer, scheduler, save_dir).load()
+    assert extras["iteration"] == 2
+    return full_state(model, optimizer)
+
+
+def test_async_fsdp2_save_holds_the_state_of_save_time_and_reshards(tmp_path: Path) -> None:
+    from ._models import assert_states_equal
+
+    save_dir = str(tmp_path / "run")
+    expected = run_distributed(_async_fsdp2_train_through_save, 2, tmp_path, save_dir)
+    assert_states_equal(expected[1], expected[0])
+    for state in run_distributed(_load_on_ddp, 2, tmp_path, save_dir):
+        # the scheduler moved the lr after save(); the checkpoint holds the lr of save time
+        assert_states_equal(state, expected[0])
+
+
+_EXIT_WITHOUT_WAIT = """
+import sys, time, torch
+import stmixer_dist_ckpt.snapshot as snapshot_module
+from stmixer_dist_ckpt import Checkpointer
+from stmixer_dist_ckpt._faults import ENV_VAR
+
+original_stage = snapshot_module.Snapshot.stage
+def slow_stage(self):
+    time.sleep(1.0)  # still copying when the script ends
+    original_stage(self)
+snapshot_module.Snapshot.stage = slow_stage
+
+model = torch.nn.Linear(4, 3)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+ckpt = Checkpointer(model, optimizer, save_dir=sys.argv[1], save_to_disk=True, async_save=True)
+if sys.argv[2] == "fail":
+    import os
+    os.environ[ENV_VAR] = "save.before_commit:raise"
+torch.save(model.state_dict(), sys.argv[1] + ".expected.pt")
+ckpt.save("model_0000001", iteration=1)
+print("script done", flush=True)  # no wait(): the interpreter's exit must wait
+"""
+
+
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_interpreter_exit_waits_for_the_save_in_flight(tmp_path: Path, outcome: str) -> None:
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITHOUT_WAIT, str(run_dir), outcome],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "script done" in result.stdout
+    if outcome == "ok":
+        assert (run_dir / "last_checkpoint").read_text() == "model_0000001"
+        expected = torch.load(str(run_dir) + ".expected.pt", weights_only=True)
+        model = torch.nn.Linear(4, 3)
+        assert Checkpointer(model, save_dir=str(run_dir)).load()["iteration"] == 1
+        assert torch.equal(model.weight, expected["weight"])
+    else:
+        # a failure nobody waited for is still reported, naming the checkpoint
+        assert "model_0000001" in result.stderr and "injected fault at save.before_commit" in result.stderr
+        assert not (run_dir / "last_checkpoint").exists()

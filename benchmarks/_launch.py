@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue as queue_module
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -35,14 +37,30 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         procs = [ctx.Process(target=_entry, args=(fn, r, world_size, store, queue, args)) for r in range(world_size)]
         for proc in procs:
             proc.start()
-        results = {}
-        for _ in range(world_size):
-            rank, error, value = queue.get(timeout=timeout)
-            if error:
-                for proc in procs:
-                    proc.kill()
-                raise RuntimeError(f"rank {rank} failed:\n{error}")
-            results[rank] = value
+        results: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(results) < world_size:
+                try:
+                    rank, error, value = queue.get(timeout=1.0)
+                except queue_module.Empty:
+                    # A rank that died without reporting (killed, or failed before _entry ran, e.g. a
+                    # script without an ``if __name__ == "__main__":`` guard) would otherwise leave us
+                    # waiting for the whole timeout.
+                    silent = [r for r, proc in enumerate(procs) if proc.exitcode is not None and r not in results]
+                    if silent and queue.empty():
+                        codes = ", ".join(f"rank {r}: exit code {procs[r].exitcode}" for r in silent)
+                        raise RuntimeError(f"benchmark rank(s) exited without a result ({codes}); see their stderr above") from None
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"benchmark ranks did not finish within {timeout:.0f} s") from None
+                    continue
+                if error:
+                    raise RuntimeError(f"rank {rank} failed:\n{error}")
+                results[rank] = value
+        except BaseException:
+            for proc in procs:
+                proc.kill()
+            raise
         for proc in procs:
             proc.join()
     return results[0]

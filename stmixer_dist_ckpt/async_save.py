@@ -19,6 +19,7 @@ At most one save is in flight: the next one waits for it first.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours; see _register_exit_wait)
 import logging
 import threading
 import weakref
@@ -55,7 +56,7 @@ class AsyncSaver:
         self._optimizer = optimizer
         if optimizer is not None:
             self._hook_handle = optimizer.register_step_pre_hook(self._before_optimizer_step)
-        atexit.register(_wait_at_exit, weakref.ref(self))
+        _register_exit_wait(weakref.ref(self))
 
     def background_group(self) -> Any | None:
         """A dedicated gloo group (created on first use; collective, so every rank calls this in save())."""
@@ -90,7 +91,12 @@ class AsyncSaver:
         location) names the save in the report of a failure at interpreter exit.
         """
         self._description = description
-        snapshot = Snapshot(state, self._staging, copy_now=copy_now if self._optimizer is not None else (lambda p: True))
+        snapshot = Snapshot(
+            state,
+            self._staging,
+            copy_now=copy_now if self._optimizer is not None else (lambda p: True),
+            description=description or "the checkpoint",
+        )
         self._snapshot = snapshot
 
         def run() -> None:
@@ -130,6 +136,27 @@ class AsyncSaver:
     @property
     def staging_bytes(self) -> int:
         return self._staging.nbytes
+
+
+def _register_exit_wait(ref: weakref.ReferenceType[AsyncSaver]) -> None:
+    """Wait for the save in flight at interpreter exit, before thread pools stop taking work.
+
+    ``atexit`` runs too late: by then ``concurrent.futures`` has already refused
+    new work (its hook runs when non-daemon threads are joined), and the
+    background save's integrity scan and retention use thread pools. Threading's
+    own exit hooks run last-registered first, so registering after
+    ``concurrent.futures.thread`` was imported puts this wait ahead of that
+    refusal. ``threading._register_atexit`` is private (Python >= 3.9); where it
+    is missing, fall back to ``atexit``.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        atexit.register(_wait_at_exit, ref)
+        return
+    try:
+        register(_wait_at_exit, ref)
+    except RuntimeError:  # created during interpreter shutdown
+        atexit.register(_wait_at_exit, ref)
 
 
 def _wait_at_exit(ref: weakref.ReferenceType[AsyncSaver]) -> None:

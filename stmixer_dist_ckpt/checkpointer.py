@@ -213,9 +213,13 @@ class Checkpointer:
         parameter_names = {name.removeprefix("module.") for name, _ in self.model.named_parameters()}
 
         def copy_now(path: tuple[Any, ...]) -> bool:
-            # Model buffers (BatchNorm statistics) change during forward: copy them now.
-            # Parameters and optimizer state change only in optimizer.step().
-            return path[0] == "model" and path[1] not in parameter_names
+            # Only parameters and the optimizer's per-parameter state change in optimizer.step()
+            # alone, so only they may be copied later. Everything else is copied now: buffers
+            # (BatchNorm statistics change in forward) and param_groups (a scheduler may set a
+            # tensor lr in place before the next step).
+            if path[0] == "model":
+                return path[1] not in parameter_names
+            return not (path[0] == "optimizer" and path[1] == "state")
 
         def write(state: dict[str, Any], staging_failure: BaseException | None) -> None:
             def check() -> None:

@@ -77,13 +77,18 @@ def write_and_commit(
     if job.rank == 0:
         # After the commit's collective: every rank is done with this save, so nothing
         # removed here can still be in use (see stmixer_dist_ckpt.retention).
-        clean_up_after_commit(
-            job.save_dir,
-            committed=job.name,
-            token=job.data_dir.name[len(DATA_DIR_PREFIX) :],
-            policy=retention,
-            logger=logger,
-        )
+        try:
+            clean_up_after_commit(
+                job.save_dir,
+                committed=job.name,
+                token=job.data_dir.name[len(DATA_DIR_PREFIX) :],
+                policy=retention,
+                logger=logger,
+            )
+        except Exception:
+            # The checkpoint is committed and tagged; a cleanup failure here must not turn it
+            # into a failed save (raised on rank 0 alone, at that). The next save retries.
+            logger.exception("cleaning up %s after committing %s failed", job.save_dir.url, job.name)
         total = sum(d.size for rank_digests in all_digests for d in rank_digests.values())
         logger.info(
             "Saved %s: %.1f MB in %.2f s from %d rank(s)",

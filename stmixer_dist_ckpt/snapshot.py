@@ -10,10 +10,17 @@ training should continue at once. Copying everything before returning (what
   are copied by a background thread while the next forward/backward runs, and
   a step pre-hook on the optimizer waits for that copy if it is not done yet.
 
-Each tensor's version counter is recorded at ``save()`` and checked after its
-copy: if anything modified a tensor in place before it was copied (code
-outside the optimizer), the snapshot is declared inconsistent and the save
-fails loudly instead of writing a mix of old and new values.
+Each tensor's version counters (a DTensor's own and its local shard's: an
+in-place op on a DTensor bumps only the former) are recorded at ``save()``
+and checked after its copy: if anything modified a tensor in place before it
+was copied (code outside the optimizer), the snapshot is declared inconsistent
+and the save fails loudly instead of writing a mix of old and new values.
+
+The check is a safety net, not a lock. It cannot see a change that is still
+running while its tensor is copied (autograd bumps the counter when the op
+ends), nor a change made through ``tensor.data``, which has a counter of its
+own. Code that modifies parameters outside the optimizer must call
+``Checkpointer.wait_for_snapshot()`` first; that is always safe.
 
 Staging buffers are kept and reused across saves (same key, shape and dtype),
 so repeated saves do not grow memory.
@@ -39,6 +46,12 @@ class SnapshotModifiedError(CheckpointError):
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def _versions(tensor: torch.Tensor) -> tuple[int, int]:
+    """The counters an in-place change moves: a DTensor's own (``p.add_()`` on the DTensor)
+    and its local shard's (a change made on ``p._local_tensor`` or ``p.to_local()``)."""
+    return tensor._version, _local(tensor)._version
 
 
 def _walk(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], torch.Tensor]]:
@@ -101,15 +114,22 @@ class Snapshot:
             (those that change outside ``optimizer.step()``).
     """
 
-    def __init__(self, state: dict[str, Any], staging: StagingArea, copy_now: Callable[[tuple[Any, ...]], bool]) -> None:
+    def __init__(
+        self,
+        state: dict[str, Any],
+        staging: StagingArea,
+        copy_now: Callable[[tuple[Any, ...]], bool],
+        description: str = "the checkpoint",
+    ) -> None:
         self.state = _copy_structure(state)
         self._staging = staging
-        self._pending: list[tuple[tuple[Any, ...], torch.Tensor, int]] = []
+        self._description = description
+        self._pending: list[tuple[tuple[Any, ...], torch.Tensor, tuple[int, int]]] = []
         for path, tensor in list(_walk(self.state)):
             if copy_now(path):
                 _replace(self.state, path, staging.copy(path, tensor))
             else:
-                self._pending.append((path, tensor, _local(tensor)._version))
+                self._pending.append((path, tensor, _versions(tensor)))
         self._done = threading.Event()
         self._error: BaseException | None = None
         if not self._pending:
@@ -121,15 +141,15 @@ class Snapshot:
             modified = []
             for path, tensor, version in self._pending:
                 copied = self._staging.copy(path, tensor)
-                if _local(tensor)._version != version:
+                if _versions(tensor) != version:
                     modified.append(".".join(str(p) for p in path))
                 _replace(self.state, path, copied)
             if modified:
                 raise SnapshotModifiedError(
                     f"{len(modified)} tensor(s) were modified in place after save() returned and before they "
-                    f"were copied, e.g. {modified[:3]}; the checkpoint was not written. Change parameters only "
-                    "through the optimizer passed to the Checkpointer, or call checkpointer.wait_for_snapshot() "
-                    "before modifying them directly."
+                    f"were copied, e.g. {modified[:3]}; {self._description} was not written. Change parameters "
+                    "and optimizer state only through the optimizer passed to the Checkpointer, or call "
+                    "checkpointer.wait_for_snapshot() before modifying them any other way."
                 )
         except BaseException as exc:
             self._error = exc

@@ -256,7 +256,10 @@ snapshot_module.Snapshot.stage = slow_stage
 
 model = torch.nn.Linear(4, 3)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-ckpt = Checkpointer(model, optimizer, save_dir=sys.argv[1], save_to_disk=True, async_save=True)
+ckpt = Checkpointer(model, optimizer, save_dir=sys.argv[1], save_to_disk=True, async_save=True, keep_last=1)
+if sys.argv[2] == "keep_last":
+    ckpt.save("model_0000000", iteration=0)
+    ckpt.wait()  # the save in flight at exit must retire this one (retention uses a thread pool)
 if sys.argv[2] == "fail":
     import os
     os.environ[ENV_VAR] = "save.before_commit:raise"
@@ -266,7 +269,7 @@ print("script done", flush=True)  # no wait(): the interpreter's exit must wait
 """
 
 
-@pytest.mark.parametrize("outcome", ["ok", "fail"])
+@pytest.mark.parametrize("outcome", ["ok", "keep_last", "fail"])
 def test_interpreter_exit_waits_for_the_save_in_flight(tmp_path: Path, outcome: str) -> None:
     import subprocess
     import sys
@@ -278,8 +281,10 @@ def test_interpreter_exit_waits_for_the_save_in_flight(tmp_path: Path, outcome: 
     )
     assert result.returncode == 0, result.stderr
     assert "script done" in result.stdout
-    if outcome == "ok":
+    if outcome in ("ok", "keep_last"):
+        assert "failed" not in result.stderr, result.stderr
         assert (run_dir / "last_checkpoint").read_text() == "model_0000001"
+        assert not (run_dir / "model_0000000").exists()  # retired by keep_last=1
         expected = torch.load(str(run_dir) + ".expected.pt", weights_only=True)
         model = torch.nn.Linear(4, 3)
         assert Checkpointer(model, save_dir=str(run_dir)).load()["iteration"] == 1
@@ -288,3 +293,71 @@ def test_interpreter_exit_waits_for_the_save_in_flight(tmp_path: Path, outcome: 
         # a failure nobody waited for is still reported, naming the checkpoint
         assert "model_0000001" in result.stderr and "injected fault at save.before_commit" in result.stderr
         assert not (run_dir / "last_checkpoint").exists()
+
+
+def test_a_scheduler_setting_a_tensor_lr_right_after_save_does_not_spoil_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maskrcnn-benchmark's loop steps the scheduler at the top of the iteration, right after the
+    previous save; with a tensor lr it does so in place (``fill_``). The save must keep the lr of
+    save time, not fail."""
+
+    def build_tensor_lr() -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.01))
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 0.5**it)
+
+    model, optimizer, scheduler = build_tensor_lr()
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    ckpt = Checkpointer(model, optimizer, scheduler, str(tmp_path), save_to_disk=True, async_save=True)
+    _delay_staging(0.5, monkeypatch.setattr)
+    ckpt.save("model_0000001", iteration=1)
+    lr_at_save = float(optimizer.param_groups[0]["lr"])
+    scheduler.step()  # fill_ on the lr tensor while the copy is pending
+    assert float(optimizer.param_groups[0]["lr"]) != lr_at_save
+    ckpt.wait()
+    model2, optimizer2, scheduler2 = build_tensor_lr()
+    assert Checkpointer(model2, optimizer2, scheduler2, str(tmp_path)).load()["iteration"] == 1
+    assert float(optimizer2.param_groups[0]["lr"]) == lr_at_save
+
+
+def _fsdp2_in_place_change_before_the_copy(rank: int, world: int, save_dir: str) -> str:
+    _delay_staging(0.5)
+    model, optimizer, scheduler = build("fsdp2")
+    train_steps(model, optimizer, scheduler, 0, 1)
+    ckpt = Checkpointer(model, optimizer, scheduler, save_dir, save_to_disk=rank == 0, async_save=True)
+    ckpt.save("model_0000001", iteration=1)
+    with torch.no_grad():
+        model.odd.weight.add_(1.0)  # on the DTensor parameter: its shard's version counter does not move
+    with pytest.raises(DistributedCheckpointError) as info:
+        ckpt.wait()
+    return str(info.value)
+
+
+def test_an_in_place_change_of_an_fsdp2_parameter_before_the_copy_fails_loudly(tmp_path: Path) -> None:
+    save_dir = tmp_path / "run"
+    for message in run_distributed(_fsdp2_in_place_change_before_the_copy, 2, tmp_path, str(save_dir)):
+        assert "modified in place" in message and "odd.weight" in message
+    assert not (save_dir / "last_checkpoint").exists()
+    assert not (save_dir / "model_0000001" / "manifest.json").exists()
+
+
+def test_a_cleanup_failure_after_the_commit_does_not_fail_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import stmixer_dist_ckpt.retention as retention
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(retention, "_scan", refuse)
+    model, optimizer, scheduler = build("single")
+    for async_save in (False, True):
+        ckpt = Checkpointer(model, optimizer, scheduler, str(tmp_path), save_to_disk=True, async_save=async_save)
+        name = f"model_000000{int(async_save)}"
+        ckpt.save(name, iteration=1)
+        ckpt.wait()
+        assert (tmp_path / "last_checkpoint").read_text() == name
+    assert "cleaning up" in caplog.text and "cannot schedule new futures" in caplog.text

@@ -22,7 +22,7 @@ from typing import Any
 from . import _faults, collective
 from ._dcp import FileDigest, describe_dcp_failures, write_checkpoint_data
 from .commit import build_manifest
-from .errors import DistributedCheckpointError, StorageError
+from .errors import CheckpointError, DistributedCheckpointError, StorageError
 from .layout import DATA_DIR_PREFIX, write_tag
 from .manifest import write_manifest
 from .retention import RetentionPolicy, clean_up_after_commit, discard_failed_write
@@ -56,6 +56,7 @@ def write_and_commit(
         DistributedCheckpointError: a rank failed to write or rank 0 failed to
             commit; raised on every rank, with every failed rank's traceback.
     """
+    _require_process_group(job)
     try:
         digests = write_checkpoint_data(job.state, job.data_dir, group=group, replicated_from_rank0=job.layout == "fsdp2")
     except BaseException as exc:  # DCP's CheckpointException derives from BaseException
@@ -115,7 +116,24 @@ def _commit(job: SaveJob, all_digests: list[dict[str, FileDigest]]) -> None:
         job.name, job.data_dir.name, merged, world_size=job.world_size, layout=job.layout, contents=job.contents
     )
     _faults.hit("save.before_commit")
+    _require_process_group(job)
     write_manifest(job.checkpoint_dir, manifest)
     _faults.hit("save.after_commit")
     write_tag(job.save_dir, job.name)
     _faults.hit("save.after_tag")
+
+
+def _require_process_group(job: SaveJob) -> None:
+    """Refuse to go on alone when a multi-rank save lost its process group.
+
+    Without a process group, DCP and our collectives fall back to single-process
+    mode, where every rank believes it is rank 0: each would write its own
+    ``.metadata`` and manifest for a checkpoint that holds only its shard. That
+    happens when ``dist.destroy_process_group()`` runs while an asynchronous save
+    is in flight; checked before the write and again right before the commit.
+    """
+    if job.world_size > 1 and not collective.is_distributed():
+        raise CheckpointError(
+            f"the process group was destroyed while saving {job.checkpoint_dir.url} from {job.world_size} ranks; "
+            "that checkpoint was not committed. Call checkpointer.wait() before dist.destroy_process_group()."
+        )

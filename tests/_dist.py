@@ -32,7 +32,8 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, store_path: str, 
         try:
             value = fn(rank, world_size, *args)
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():  # a body may have destroyed it on purpose
+                dist.destroy_process_group()
         # Serialize to bytes: tensors put on a queue travel as shared-memory handles
         # that die with this process, before the parent reads them.
         buffer = io.BytesIO()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from stmixer_dist_ckpt import Checkpointer, DistributedCheckpointError
+from stmixer_dist_ckpt import Checkpointer, CheckpointError, DistributedCheckpointError
 from stmixer_dist_ckpt.snapshot import SnapshotModifiedError
 
 from ._dist import run_distributed
@@ -361,3 +361,30 @@ def test_a_cleanup_failure_after_the_commit_does_not_fail_the_save(
         ckpt.wait()
         assert (tmp_path / "last_checkpoint").read_text() == name
     assert "cleaning up" in caplog.text and "cannot schedule new futures" in caplog.text
+
+
+def _destroy_the_group_during_an_async_save(rank: int, world: int, save_dir: str) -> str:
+    import torch.distributed as dist
+
+    _delay_staging(0.5)
+    model, optimizer, scheduler = build("ddp")
+    ckpt = Checkpointer(model, optimizer, scheduler, save_dir, save_to_disk=rank == 0, async_save=True)
+    ckpt.save("model_0000001", iteration=1)
+    ckpt.wait()
+    ckpt.save("model_0000002", iteration=2)
+    dist.destroy_process_group()  # the common end-of-script idiom, without wait() first
+    with pytest.raises(CheckpointError, match="process group was destroyed") as info:
+        ckpt.wait()
+    return str(info.value)
+
+
+def test_destroying_the_process_group_during_an_async_save_commits_nothing(tmp_path: Path) -> None:
+    """Without its group every rank would take DCP's single-process path, believe it is rank 0
+    and commit a checkpoint holding only its own shard."""
+    save_dir = tmp_path / "run"
+    for message in run_distributed(_destroy_the_group_during_an_async_save, 2, tmp_path, str(save_dir)):
+        assert "model_0000002" in message and "wait()" in message
+    assert (save_dir / "last_checkpoint").read_text() == "model_0000001"
+    assert not (save_dir / "model_0000002" / "manifest.json").exists()
+    _, extras = _fresh_load(str(save_dir))
+    assert extras["iteration"] == 1

@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(results)
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=2)
-    _plot(results, args.plot)
-    print(f"\nJSON: {args.json}   plot: {args.plot}")
+    plotted = _plot(results, args.plot)
+    print(f"\nJSON: {args.json}" + (f"   plot: {args.plot}" if plotted else ""))
     return 0
 
 
@@ -354,15 +354,16 @@ def _print_table(results: dict[str, Any]) -> None:
               f"{results['same_2_to_2_s']:.3f} s, ratio {results['reshard_4_to_2_s'] / results['same_2_to_2_s']:.2f}")
 
 
-def _plot(results: dict[str, Any], path: str) -> None:
+def _plot(results: dict[str, Any], path: str) -> bool:
+    """Save the throughput-vs-world-size plot; False (and a hint) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(matplotlib not installed: no plot; pip install -e '.[bench]')")
-        return
+        print("(matplotlib not installed: no plot; pip install -c constraints.txt -e '.[bench]')")
+        return False
     rows = results["per_world_size"]
     worlds = [r["world_size"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -378,6 +379,7 @@ def _plot(results: dict[str, Any], path: str) -> None:
         axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return True
 
 
 if __name__ == "__main__":

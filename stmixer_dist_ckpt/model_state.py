@@ -79,8 +79,30 @@ def capture_model_state(model: nn.Module) -> dict[str, Any]:
 
 
 def capture_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state keyed by parameter name (the load template; materializes lazy state)."""
-    return get_optimizer_state_dict(model, optimizer)
+    """The optimizer's state keyed by parameter name: the load template, with state for every parameter.
+
+    DCP materializes lazy optimizer state (a zero-gradient, lr-0 ``step()``) only
+    when the optimizer has no state at all *and* no parameter has a gradient.
+    Otherwise the template lacks the missing parameters' state and the load
+    would silently skip it (gradients left over from a sanity batch before
+    resuming) or fail with "Missing optimizer state ... in checkpoint" (a param
+    group added after the optimizer stepped). So when any trainable parameter
+    has no state, the existing state is dropped (the load replaces all of it;
+    as with any failed load, a failure leaves it undefined) and the gradients
+    are set aside while DCP materializes, then put back.
+    """
+    trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if all(p in optimizer.state for p in trainable):
+        return get_optimizer_state_dict(model, optimizer)
+    grads = [p.grad for p in trainable]
+    optimizer.state.clear()
+    for param in trainable:
+        param.grad = None
+    try:
+        return get_optimizer_state_dict(model, optimizer)
+    finally:
+        for param, grad in zip(trainable, grads, strict=True):
+            param.grad = grad
 
 
 def capture_optimizer_state_for_save(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -35,6 +35,7 @@ __all__ = [
     "capture_model_state",
     "sync_ddp_buffers",
     "capture_optimizer_state",
+    "materialize_optimizer_state",
     "capture_optimizer_state_for_save",
     "apply_model_state",
     "apply_optimizer_state",
@@ -79,27 +80,34 @@ def capture_model_state(model: nn.Module) -> dict[str, Any]:
 
 
 def capture_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state keyed by parameter name: the load template, with state for every parameter.
+    """The optimizer's state keyed by parameter name: the load template, with state for every parameter."""
+    materialize_optimizer_state(model, optimizer)
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def materialize_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Give every trainable parameter its (lazy) optimizer state before state is loaded into it.
 
     DCP materializes lazy optimizer state (a zero-gradient, lr-0 ``step()``) only
     when the optimizer has no state at all *and* no parameter has a gradient.
-    Otherwise the template lacks the missing parameters' state and the load
-    would silently skip it (gradients left over from a sanity batch before
-    resuming) or fail with "Missing optimizer state ... in checkpoint" (a param
-    group added after the optimizer stepped). So when any trainable parameter
-    has no state, the existing state is dropped (the load replaces all of it;
-    as with any failed load, a failure leaves it undefined) and the gradients
-    are set aside while DCP materializes, then put back.
+    Otherwise a load template lacks the missing parameters' state and the load
+    silently skips it (gradients left over from a sanity batch before resuming),
+    or DCP fails with "Missing optimizer state ... in checkpoint" (a param group
+    added after the optimizer stepped) or "Expected device to be set" (a full
+    state dict into FSDP2). So when any trainable parameter has no state, the
+    existing state is dropped (a load replaces all of it; as with any failed
+    load, a failure leaves it undefined) and the gradients are set aside while
+    DCP materializes, then put back.
     """
     trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     if all(p in optimizer.state for p in trainable):
-        return get_optimizer_state_dict(model, optimizer)
+        return
     grads = [p.grad for p in trainable]
     optimizer.state.clear()
     for param in trainable:
         param.grad = None
     try:
-        return get_optimizer_state_dict(model, optimizer)
+        get_optimizer_state_dict(model, optimizer)  # materializes, as a side effect
     finally:
         for param, grad in zip(trainable, grads, strict=True):
             param.grad = grad

@@ -30,6 +30,7 @@ from . import collective
 from .errors import CheckpointNotFoundError, IncompatibleCheckpointError
 from .legacy.key_matching import LoadReport, match_state_dict
 from .legacy.legacy_file import load_legacy_checkpoint
+from .model_state import materialize_optimizer_state
 from .storage import resolve_location
 
 __all__ = ["read_on_rank0", "load_single_file", "apply_single_file_model", "apply_legacy_optimizer_state"]
@@ -173,6 +174,7 @@ def apply_legacy_optimizer_state(
                 live_group[key] = value
     state = {id_to_name[pid]: value for pid, value in legacy["state"].items() if pid in id_to_name}
     groups = [{**group, "params": [id_to_name[pid] for pid in group["params"]]} for group in saved_groups]
+    materialize_optimizer_state(model, optimizer)
     set_optimizer_state_dict(
         model, optimizer, {"state": state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True)
     )

@@ -79,3 +79,20 @@ def test_a_stateless_optimizer_still_loads_its_param_groups(tmp_path: Path) -> N
     Checkpointer(model2, optimizer2, save_dir=str(tmp_path)).load()
     assert optimizer2.param_groups[0]["lr"] == 0.25 and not optimizer2.state
     assert model2.weight.grad is not None and torch.equal(model2.weight, model.weight)
+
+
+def _legacy_pth_into_fsdp2_with_leftover_gradients(rank: int, world: int, path: str) -> dict[str, Any]:
+    model, optimizer, scheduler = build("fsdp2", seed=5)
+    model(torch.ones(4, 6)).sum().backward()  # DCP would not materialize the state: it failed deep inside
+    Checkpointer(model, optimizer, scheduler, "").load(path)
+    return full_state(model, optimizer)
+
+
+def test_a_legacy_pth_loads_its_optimizer_state_into_fsdp2_despite_leftover_gradients(tmp_path: Path) -> None:
+    model, optimizer, scheduler = build("single")
+    train_steps(model, optimizer, scheduler, 0, 3)
+    path = tmp_path / "legacy.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": 3}, path)
+    expected = full_state(model, optimizer)
+    for state in run_distributed(_legacy_pth_into_fsdp2_with_leftover_gradients, 2, tmp_path, str(path)):
+        assert_states_equal(state, expected)

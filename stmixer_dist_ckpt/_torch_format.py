@@ -29,6 +29,7 @@ tests pin them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import os
@@ -337,6 +338,10 @@ def _remote_atomic(destination: StorageLocation) -> Iterator[IO[bytes]]:
         discard = getattr(handle, "discard", None)
         if callable(discard):
             discard()  # s3fs: abort the multipart upload, so no partial object appears
+            # Mark it closed too: s3fs leaves a discarded file open, and its __del__ then tries to
+            # flush the dropped buffer ("'NoneType' object has no attribute 'tell'" at collection).
+            with contextlib.suppress(AttributeError):
+                setattr(handle, "closed", True)  # noqa: B010  (IO.closed is read-only to type checkers)
         else:
             handle.close()
             destination.remove()

@@ -27,7 +27,14 @@ from ._dcp import METADATA_FILE, read_checkpoint_metadata
 from ._dcp_index import ChunkLocation, StoredItem, index_items
 from ._torch_format import archive_byte_order, storage_record_offset
 from .errors import CheckpointError, CorruptCheckpointError, StorageError
-from .layout import TAG_FILE, CheckpointKind, ResolvedCheckpoint, read_tag, resolve_checkpoint, resolve_tag
+from .layout import (
+    CheckpointKind,
+    ResolvedCheckpoint,
+    is_run_directory,
+    read_tag,
+    resolve_checkpoint,
+    resolve_tag,
+)
 from .manifest import MANIFEST_FILE
 from .safe_pickle import safe_torch_load
 from .storage import StorageLocation, resolve_location
@@ -300,12 +307,10 @@ def resolve_checkpoint_or_tag(location: StorageLocation) -> ResolvedCheckpoint:
     A run directory holds ``last_checkpoint`` and no manifest or DCP metadata
     of its own; pointing a tool at it means "the latest checkpoint".
     """
-    if location.isdir():
-        names = set(location.listdir())
-        if TAG_FILE in names and MANIFEST_FILE not in names and METADATA_FILE not in names:
-            content = read_tag(location)
-            if content:
-                return resolve_checkpoint(resolve_tag(location, content))
+    if is_run_directory(location):
+        content = read_tag(location)
+        if content:
+            return resolve_checkpoint(resolve_tag(location, content))
     return resolve_checkpoint(location)
 
 

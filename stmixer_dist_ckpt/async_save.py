@@ -27,8 +27,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import collective
+from .retention import RetentionPolicy
+from .sharded_save import SaveJob, write_and_commit
 from .snapshot import Snapshot, StagingArea
 
 __all__ = ["AsyncSaver"]
@@ -72,6 +75,34 @@ class AsyncSaver:
         snapshot = self._snapshot
         if snapshot is not None:
             snapshot.wait()
+
+    def save(self, job: SaveJob, model: nn.Module, *, retention: RetentionPolicy, logger: logging.Logger) -> None:
+        """Snapshot ``job``'s state and write and commit it in the background (every rank calls this).
+
+        Only parameters and the optimizer's per-parameter state change in
+        ``optimizer.step()`` alone, so only they are copied later; everything
+        else is copied now: buffers (BatchNorm statistics change in forward) and
+        ``param_groups`` (a scheduler may set a tensor lr in place before the
+        next step).
+        """
+        group = self.background_group()
+        parameter_names = {name.removeprefix("module.") for name, _ in model.named_parameters()}
+
+        def copy_now(path: tuple[Any, ...]) -> bool:
+            if path[0] == "model":
+                return path[1] not in parameter_names
+            return not (path[0] == "optimizer" and path[1] == "state")
+
+        def write(state: dict[str, Any], staging_failure: BaseException | None) -> None:
+            def check() -> None:
+                if staging_failure is not None:
+                    raise staging_failure
+
+            collective.run_collectively(check, what=f"snapshotting state for {job.checkpoint_dir.url}", group=group)
+            job.state = state
+            write_and_commit(job, group, retention=retention, logger=logger)
+
+        self.submit(job.state, copy_now, write, description=job.checkpoint_dir.url)
 
     def submit(
         self,

@@ -28,31 +28,25 @@ from .async_save import AsyncSaver
 from .commit import new_data_dir_name
 from .integrity import VerifyMode, verify_for_load
 from .layout import (
-    TAG_FILE,
     CheckpointKind,
-    ResolvedCheckpoint,
-    choose_resume_checkpoint,
     read_tag,
-    resolve_checkpoint,
     resolve_tag,
     validate_checkpoint_name,
     write_tag,
 )
 from .load_result import LoadResult
-from .manifest import MANIFEST_FILE
+from .load_source import choose_checkpoint_to_load
 from .memory_pool import MemoryPool
 from .model_state import (
-    capture_model_state,
-    capture_optimizer_state_for_save,
     model_layout,
     sync_ddp_buffers,
 )
-from .rank_state import RankStatePolicy, Stateful, rank_state_key
+from .rank_state import RankStatePolicy, Stateful
 from .retention import RetentionPolicy, make_policy
 from .scheduler_state import move_scheduler_to
 from .sharded_load import ShardedReader
-from .sharded_save import SaveJob, write_and_commit
-from .single_file import apply_legacy_optimizer_state, apply_single_file_model, load_single_file
+from .sharded_save import SaveJob, capture_save_state, describe_contents, write_and_commit
+from .single_file import apply_single_file_checkpoint, load_single_file
 from .storage import StorageLocation, resolve_location
 
 __all__ = ["Checkpointer", "DEFAULT_HEAD_PREFIXES"]
@@ -63,14 +57,6 @@ __all__ = ["Checkpointer", "DEFAULT_HEAD_PREFIXES"]
 DEFAULT_HEAD_PREFIXES: tuple[str, ...] = ("roi_heads.", "stm_head.")
 
 _RESERVED_EXTRA_NAMES = frozenset({"model", "optimizer", "scheduler"})
-
-
-def _to_bytes(value: Any) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
 
 
 class Checkpointer:
@@ -209,28 +195,7 @@ class Checkpointer:
             return None
         if self._async is None:
             return write_and_commit(job, self.process_group, retention=self.retention, logger=self.logger)
-        group = self._async.background_group()
-        parameter_names = {name.removeprefix("module.") for name, _ in self.model.named_parameters()}
-
-        def copy_now(path: tuple[Any, ...]) -> bool:
-            # Only parameters and the optimizer's per-parameter state change in optimizer.step()
-            # alone, so only they may be copied later. Everything else is copied now: buffers
-            # (BatchNorm statistics change in forward) and param_groups (a scheduler may set a
-            # tensor lr in place before the next step).
-            if path[0] == "model":
-                return path[1] not in parameter_names
-            return not (path[0] == "optimizer" and path[1] == "state")
-
-        def write(state: dict[str, Any], staging_failure: BaseException | None) -> None:
-            def check() -> None:
-                if staging_failure is not None:
-                    raise staging_failure
-
-            collective.run_collectively(check, what=f"snapshotting state for {job.checkpoint_dir.url}", group=group)
-            job.state = state
-            write_and_commit(job, group, retention=self.retention, logger=self.logger)
-
-        self._async.submit(job.state, copy_now, write, description=job.checkpoint_dir.url)
+        self._async.save(job, self.model, retention=self.retention, logger=self.logger)
         return job.checkpoint_dir.url
 
     def wait(self) -> None:
@@ -281,7 +246,9 @@ class Checkpointer:
         layout = model_layout(self.model)
         sync_ddp_buffers(self.model)
         state = collective.run_collectively(
-            lambda: self._capture_state(extra, rank), what=f"capturing state for {checkpoint_dir.url}", group=group
+            lambda: capture_save_state(self.model, self.optimizer, self.scheduler, self.rank_states, extra, rank),
+            what=f"capturing state for {checkpoint_dir.url}",
+            group=group,
         )
         _faults.hit("save.before_write")
         world_size = collective.get_world_size(group)
@@ -292,36 +259,17 @@ class Checkpointer:
             data_dir=checkpoint_dir.join(data_dir_name),
             layout=layout,
             state=state,
-            contents=self._contents(extra, world_size),
+            contents=describe_contents(
+                optimizer=self.optimizer is not None,
+                scheduler=self.scheduler is not None,
+                extra=extra,
+                rank_states=self.rank_states,
+                world_size=world_size,
+            ),
             rank=rank,
             world_size=world_size,
             started=started,
         )
-
-    def _capture_state(self, extra: Mapping[str, Any], rank: int) -> dict[str, Any]:
-        state: dict[str, Any] = {"model": capture_model_state(self.model)}
-        if self.optimizer is not None:
-            state["optimizer"] = capture_optimizer_state_for_save(self.model, self.optimizer)
-        # Objects are stored once, from rank 0, pre-serialized so DCP treats each as one
-        # opaque item instead of flattening user dicts into keys.
-        if rank == 0:
-            if self.scheduler is not None:
-                state["scheduler"] = _to_bytes(self.scheduler.state_dict())
-            state["extra"] = {key: _to_bytes(value) for key, value in extra.items()}
-        if self.rank_states:
-            snapshot = {name: obj.state_dict() for name, obj in self.rank_states.items()}
-            state["rank_state"] = {rank_state_key(rank): _to_bytes(snapshot)}
-        return state
-
-    def _contents(self, extra: Mapping[str, Any], world_size: int) -> dict[str, Any]:
-        return {
-            "model": True,
-            "optimizer": self.optimizer is not None,
-            "scheduler": self.scheduler is not None,
-            "extra": sorted(extra),
-            "rank_state": sorted(self.rank_states) if self.rank_states else [],
-            "rank_state_world_size": world_size if self.rank_states else 0,
-        }
 
     # ----------------------------------------------------------------- load
     def load(
@@ -370,41 +318,16 @@ class Checkpointer:
         VerifyMode.from_load_argument(verify)  # a bad value fails before any I/O, on every path
         self.wait()
         group = self.process_group
-        rank = collective.get_rank(group)
-        chosen = collective.broadcast_object(
-            collective.run_collectively(
-                lambda: self._choose_source(f) if rank == 0 else None, what="choosing the checkpoint", group=group
-            ),
-            0,
-            group,
-        )
-        if not chosen:
+        resolved = choose_checkpoint_to_load(f, self._save_dir_location(), self.storage_options, group)
+        if resolved is None:
             self.logger.info("No checkpoint found. Initializing model from scratch")
             return LoadResult({})
-        self.logger.info("Loading checkpoint from %s", chosen)
-        location = resolve_location(chosen, self.storage_options)
-        # Rank 0 classifies the path; only a sharded checkpoint must be visible to every rank
-        # (a single file is read on rank 0 alone and may live on rank 0's node only).
-        kind = collective.broadcast_object(
-            collective.run_collectively(
-                lambda: resolve_checkpoint(location).kind if rank == 0 else None,
-                what=f"opening {location.url}",
-                group=group,
-            ),
-            0,
-            group,
-        )
-        if kind is CheckpointKind.FILE:
-            resolved = ResolvedCheckpoint(CheckpointKind.FILE, location, None, None)
-        else:
-            resolved = collective.run_collectively(
-                lambda: resolve_checkpoint(location), what=f"opening {location.url}", group=group
-            )
+        location = resolved.location
+        self.logger.info("Loading checkpoint from %s", location.url)
         verify_for_load(resolved, verify, group=group, logger=self.logger)
         if resolved.kind is CheckpointKind.FILE:
-            checkpoint = self._load_file(location.url)
             return self._apply_single_file(
-                checkpoint, location.url, model_weight_only, adjust_scheduler, no_head, bool(strict)
+                self._load_file(location.url), location.url, model_weight_only, adjust_scheduler, no_head, bool(strict)
             )
         reader = ShardedReader(
             model=self.model,
@@ -432,20 +355,6 @@ class Checkpointer:
         if resume and self.has_checkpoint():
             return self.load(None)
         return self.load(path, model_weight_only=True)
-
-    def _choose_source(self, f: str | None) -> str:
-        if f:
-            given = resolve_location(str(f), self.storage_options)
-            if _is_run_directory(given):
-                # A run directory (it has a tag but is no checkpoint itself): resume from it.
-                target = choose_resume_checkpoint(given)
-                return target.url if target is not None else ""
-            return str(f)
-        save_dir = self._save_dir_location()
-        if save_dir is None:
-            return ""
-        target = choose_resume_checkpoint(save_dir)  # skips a broken tag target, with a warning
-        return target.url if target is not None else ""
 
     def _restore_scheduler(self, scheduler_state: Any, adjust_scheduler: bool, source: str) -> None:
         if self.scheduler is None:
@@ -489,27 +398,18 @@ class Checkpointer:
         no_head: bool,
         strict: bool,
     ) -> LoadResult:
-        report = apply_single_file_model(
+        """Load what :meth:`_load_file` read; ``ActionCheckpointer`` overrides it for Caffe2 weights."""
+        applied = apply_single_file_checkpoint(
             self.model,
-            checkpoint.pop("model"),
-            head_prefixes=self.head_prefixes,
-            skip_head=no_head,
-            strict=strict,
+            self.optimizer if not model_weight_only else None,
+            checkpoint,
             source=source,
+            head_prefixes=self.head_prefixes,
+            no_head=no_head,
+            strict=strict,
             group=self.process_group,
+            logger=self.logger,
         )
-        optimizer_state = checkpoint.pop("optimizer", None)
-        if optimizer_state is not None and self.optimizer is not None and not model_weight_only:
-            self.logger.info("Loading optimizer from %s", source)
-            apply_legacy_optimizer_state(self.model, self.optimizer, optimizer_state, source=source)
-        scheduler_state = checkpoint.pop("scheduler", None)
-        if scheduler_state is not None and self.scheduler is not None and not model_weight_only:
-            self._restore_scheduler(scheduler_state, adjust_scheduler, source)
-        return self._finish(checkpoint, model_weight_only, report)
-
-
-def _is_run_directory(location: StorageLocation) -> bool:
-    if not location.isdir():
-        return False
-    names = set(location.listdir())
-    return TAG_FILE in names and MANIFEST_FILE not in names and ".metadata" not in names
+        if applied.scheduler_state is not None and not model_weight_only:
+            self._restore_scheduler(applied.scheduler_state, adjust_scheduler, source)
+        return self._finish(applied.extras, model_weight_only, applied.report)

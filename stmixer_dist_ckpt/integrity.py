@@ -34,7 +34,7 @@ from . import collective
 from ._dcp import CHECKSUM_ALGORITHM, file_checksum
 from .collective import ProcessGroup
 from .errors import CheckpointError, CorruptCheckpointError
-from .layout import TAG_FILE, ResolvedCheckpoint, read_tag, resolve_checkpoint, resolve_tag
+from .layout import ResolvedCheckpoint, is_run_directory, read_tag, resolve_checkpoint, resolve_tag
 from .manifest import MANIFEST_FILE, FileRecord, Manifest
 from .storage import StorageLocation, resolve_location
 
@@ -222,7 +222,7 @@ def verify_checkpoint(
     """
     verify_mode = VerifyMode(mode)
     location = resolve_location(path, storage_options)
-    if location.join(TAG_FILE).isfile() and not location.join(MANIFEST_FILE).isfile():
+    if is_run_directory(location):
         location = resolve_tag(location, read_tag(location))
     resolved = resolve_checkpoint(location)
     manifest, data = _manifest_and_data(resolved)

@@ -197,6 +197,17 @@ def committed_checkpoints(save_dir: StorageLocation) -> list[tuple[StorageLocati
     return found
 
 
+def is_run_directory(location: StorageLocation) -> bool:
+    """True for a ``save_dir``: it holds ``last_checkpoint`` and no manifest or DCP metadata of its own.
+
+    Pointing a load or a tool at one means "the checkpoint it tags".
+    """
+    if not location.isdir():
+        return False
+    names = set(location.listdir())
+    return TAG_FILE in names and MANIFEST_FILE not in names and _DCP_METADATA not in names
+
+
 def choose_resume_checkpoint(save_dir: StorageLocation) -> StorageLocation | None:
     """What a resume (``load()`` without a path) loads: the tag's target, if it is usable.
 

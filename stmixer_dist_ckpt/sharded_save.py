@@ -14,10 +14,15 @@ A failure before the manifest leaves the previous checkpoint and tag untouched.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
+from torch import nn
 
 from . import _faults, collective
 from ._dcp import FileDigest, describe_dcp_failures, write_checkpoint_data
@@ -25,10 +30,12 @@ from .commit import build_manifest
 from .errors import CheckpointError, DistributedCheckpointError, StorageError
 from .layout import DATA_DIR_PREFIX, write_tag
 from .manifest import write_manifest
+from .model_state import capture_model_state, capture_optimizer_state_for_save
+from .rank_state import Stateful, rank_state_key
 from .retention import RetentionPolicy, clean_up_after_commit, discard_failed_write
 from .storage import StorageLocation
 
-__all__ = ["SaveJob", "write_and_commit"]
+__all__ = ["SaveJob", "capture_save_state", "describe_contents", "serialize_object", "write_and_commit"]
 
 
 @dataclass
@@ -45,6 +52,58 @@ class SaveJob:
     rank: int
     world_size: int
     started: float
+
+
+def serialize_object(value: Any) -> bytes:
+    """``torch.save`` bytes of a non-tensor object (scheduler state, extras, per-rank state).
+
+    Objects are stored pre-serialized so DCP treats each as one opaque item
+    instead of flattening user dicts into keys; loads open them through the
+    restricted unpickler.
+    """
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def capture_save_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    rank_states: Mapping[str, Stateful],
+    extra: Mapping[str, Any],
+    rank: int,
+) -> dict[str, Any]:
+    """This rank's part of a checkpoint: its shards of model and optimizer, plus objects.
+
+    Scheduler state and extras are the same on every rank and stored once,
+    from rank 0; per-rank state is stored under this rank's key.
+    """
+    state: dict[str, Any] = {"model": capture_model_state(model)}
+    if optimizer is not None:
+        state["optimizer"] = capture_optimizer_state_for_save(model, optimizer)
+    if rank == 0:
+        if scheduler is not None:
+            state["scheduler"] = serialize_object(scheduler.state_dict())
+        state["extra"] = {key: serialize_object(value) for key, value in extra.items()}
+    if rank_states:
+        snapshot = {name: obj.state_dict() for name, obj in rank_states.items()}
+        state["rank_state"] = {rank_state_key(rank): serialize_object(snapshot)}
+    return state
+
+
+def describe_contents(
+    *, optimizer: bool, scheduler: bool, extra: Mapping[str, Any], rank_states: Mapping[str, Stateful], world_size: int
+) -> dict[str, Any]:
+    """The manifest's ``contents``: what a checkpoint holds, readable without opening its data."""
+    return {
+        "model": True,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "extra": sorted(extra),
+        "rank_state": sorted(rank_states) if rank_states else [],
+        "rank_state_world_size": world_size if rank_states else 0,
+    }
 
 
 def write_and_commit(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +34,14 @@ from .legacy.legacy_file import load_legacy_checkpoint
 from .model_state import materialize_optimizer_state
 from .storage import resolve_location
 
-__all__ = ["read_on_rank0", "load_single_file", "apply_single_file_model", "apply_legacy_optimizer_state"]
+__all__ = [
+    "read_on_rank0",
+    "load_single_file",
+    "AppliedSingleFile",
+    "apply_single_file_checkpoint",
+    "apply_single_file_model",
+    "apply_legacy_optimizer_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -178,3 +186,50 @@ def apply_legacy_optimizer_state(
     set_optimizer_state_dict(
         model, optimizer, {"state": state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True)
     )
+
+
+@dataclass
+class AppliedSingleFile:
+    """What loading a single-file checkpoint left for the caller after model and optimizer."""
+
+    report: LoadReport
+    #: the stored scheduler state (restored by the caller, which knows about ``adjust_scheduler``)
+    scheduler_state: Any | None
+    #: everything else in the file (``iteration``, ``person_pool``, ...)
+    extras: dict[str, Any]
+
+
+def apply_single_file_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    checkpoint: dict[str, Any],
+    *,
+    source: str,
+    head_prefixes: Sequence[str],
+    no_head: bool,
+    strict: bool,
+    group: Any | None,
+    logger: logging.Logger,
+) -> AppliedSingleFile:
+    """Load a ``{"model": ..., "optimizer": ..., ...}`` dict read from one file (collective).
+
+    Args:
+        optimizer: receives the file's optimizer state; ``None`` leaves it out
+            (no optimizer, or a weights-only load).
+        checkpoint: consumed: ``model``, ``optimizer`` and ``scheduler`` are popped.
+    """
+    report = apply_single_file_model(
+        model,
+        checkpoint.pop("model"),
+        head_prefixes=head_prefixes,
+        skip_head=no_head,
+        strict=strict,
+        source=source,
+        group=group,
+    )
+    optimizer_state = checkpoint.pop("optimizer", None)
+    if optimizer_state is not None and optimizer is not None:
+        logger.info("Loading optimizer from %s", source)
+        apply_legacy_optimizer_state(model, optimizer, optimizer_state, source=source)
+    scheduler_state = checkpoint.pop("scheduler", None)
+    return AppliedSingleFile(report=report, scheduler_state=scheduler_state, extras=checkpoint)

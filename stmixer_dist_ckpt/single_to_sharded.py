@@ -15,7 +15,6 @@ never guessed.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +34,7 @@ from .layout import validate_checkpoint_name
 from .legacy.legacy_file import load_legacy_checkpoint
 from .manifest import MANIFEST_FILE
 from .safe_pickle import safe_torch_load
+from .sharded_save import serialize_object
 from .storage import StorageLocation, resolve_location
 
 __all__ = ["convert_to_sharded"]
@@ -42,12 +42,6 @@ __all__ = ["convert_to_sharded"]
 logger = logging.getLogger(__name__)
 
 _DDP_PREFIX = "module."
-
-
-def _to_bytes(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
 
 
 def _read_single_file(location: StorageLocation, allow_unsafe_pickle: bool) -> dict[str, Any]:
@@ -213,14 +207,14 @@ def convert_to_sharded(
         if saved_optimizer is not None:
             state["optimizer"] = _named_optimizer_state(saved_optimizer, model, optimizer, source.url)
         if scheduler is not None:
-            state["scheduler"] = _to_bytes(scheduler)
+            state["scheduler"] = serialize_object(scheduler)
         bad_names = [name for name in loaded if not isinstance(name, str) or not name]
         if bad_names:
             raise IncompatibleCheckpointError(
                 f"{source.url}: top-level keys {bad_names} cannot be stored as extras (they must be non-empty "
                 "strings); use model_only=True to convert the weights alone"
             )
-        state["extra"] = {name: _to_bytes(value) for name, value in loaded.items()}
+        state["extra"] = {name: serialize_object(value) for name, value in loaded.items()}
     manifest = write_offline_checkpoint(state, checkpoint_dir)
     logger.info("Converted %s -> %s (%d files)", source.url, checkpoint_dir.url, len(manifest.files))
     return checkpoint_dir.url
